@@ -1,0 +1,1 @@
+"""readout: information bottlenecks for attribution."""
