@@ -26,7 +26,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Where the shipped classifier lives: the repository's ``checkpoints/`` unless READOUT_CHECKPOINTS says.
-CHECKPOINT_DIR = Path(os.environ.get("READOUT_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints"))
+CHECKPOINT_DIR = Path(
+    os.environ.get("READOUT_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints")
+)
 
 
 class Classifier(nn.Module):
@@ -36,6 +38,9 @@ class Classifier(nn.Module):
     stage whose output it is. The module stays in eval mode whatever ``train()`` is asked: its
     batch-norm statistics never change and dropout is never on.
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -156,7 +161,8 @@ class SyntheticCNN(nn.Module):
     """The shipped small classifier: a ResNet-shaped CNN of torchvision BasicBlocks (~0.3M parameters).
 
     Built from torchvision's blocks so that zennit's ResNet canonizer applies to it unchanged.
-    Taps: ``conv1`` (stem, stride 2), ``block1`` (stride 2), ``block2`` (stride 4), ``block3`` (stride 8), ``fc``.
+    Taps: ``conv1`` (stem, stride 2), ``block1`` (stride 2), ``block2`` (stride 4), ``block3`` (stride 8),
+    ``fc``.
     """
 
     def __init__(self, num_classes: int = 6, widths: tuple[int, int, int] = (32, 64, 128)) -> None:
@@ -256,7 +262,9 @@ def _imagenet_classes(weights_enum: Any) -> list[str]:
     return list(weights_enum.IMAGENET1K_V1.meta["categories"])
 
 
-def _resolve_torchvision_weights(name: str, spec: BackboneSpec, weights: str | None, weights_path: str | None):
+def _resolve_torchvision_weights(
+    name: str, spec: BackboneSpec, weights: str | None, weights_path: str | None
+):
     """Returns the state dict to load (or None for random init) without ever downloading."""
     if weights is None:
         return None
@@ -307,14 +315,22 @@ def load_classifier(
     path = Path(name_or_path)
     if path.suffix in {".safetensors", ".json"} or path.exists():
         return load_saved_classifier(path)
-    raise KeyError(f"unknown classifier {name_or_path!r}: not a registered name ({', '.join(BACKBONES)}) nor a file")
+    raise KeyError(
+        f"unknown classifier {name_or_path!r}: not a registered name ({', '.join(BACKBONES)}) nor a file"
+    )
 
 
-def _assemble(name: str, weights: Any, num_classes: int | None = None, classes: list[str] | None = None) -> Classifier:
+def _assemble(
+    name: str, weights: Any, num_classes: int | None = None, classes: list[str] | None = None
+) -> Classifier:
     spec = backbone_spec(name)
     stages, taps = spec.build(num_classes if name == "synthetic-cnn" else weights)
     if classes is None:
-        classes = _imagenet_classes(spec.weights_enum) if spec.weights_enum else [str(i) for i in range(num_classes or 0)]
+        classes = (
+            _imagenet_classes(spec.weights_enum)
+            if spec.weights_enum
+            else [str(i) for i in range(num_classes or 0)]
+        )
     return Classifier(name, stages, taps, spec.mean, spec.std, spec.input_size, classes)
 
 
@@ -339,7 +355,10 @@ def save_classifier(classifier: Classifier, path: str | Path, metadata: dict[str
         "architecture": classifier.name,
         "classes": classifier.classes,
         "input_size": classifier.input_size,
-        "normalisation": {"mean": classifier.mean.flatten().tolist(), "std": classifier.std.flatten().tolist()},
+        "normalisation": {
+            "mean": classifier.mean.flatten().tolist(),
+            "std": classifier.std.flatten().tolist(),
+        },
         **metadata,
     }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -357,7 +376,9 @@ def load_saved_classifier(path: str | Path) -> Classifier:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != "readout-classifier/1":
         raise ValueError(f"{meta_path} is not a readout classifier (format {meta.get('format')!r})")
-    classifier = _assemble(meta["architecture"], None, num_classes=len(meta["classes"]), classes=meta["classes"])
+    classifier = _assemble(
+        meta["architecture"], None, num_classes=len(meta["classes"]), classes=meta["classes"]
+    )
     try:
         classifier.stages.load_state_dict(load_file(str(path)))
     except RuntimeError as error:

@@ -57,7 +57,9 @@ class ReplaceOutput(AbstractContextManager["ReplaceOutput"]):
     implementation, and models that cannot be split into prefix and suffix).
     """
 
-    def __init__(self, classifier: Classifier, layer: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self, classifier: Classifier, layer: str, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         self.module = tap_module(classifier, layer)
         self.fn = fn
         self.handle: RemovableHandle | None = None

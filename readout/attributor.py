@@ -1,0 +1,135 @@
+"""What every bottleneck attributor shares: the split classifier, the statistics, the call contract.
+
+Contract (as captum's ``attribute``): ``attributor(images, target=None) -> (B, H, W)`` heatmap in bits
+per pixel, where ``images`` are float (B, 3, H, W) in [0, 1] at the classifier's input size and
+``target`` is (B,) class indices or None for the classifier's top-1. ``explain`` returns the same
+map with everything else a user or a report wants to know (:class:`Explanation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from readout.backbones import Classifier, tap_info
+from readout.bottleneck import FeatureStatistics, InformationBottleneck
+
+
+@dataclass
+class Explanation:
+    """One batch of attributions. Shapes: B images, bottleneck (C, h, w), input (H, W)."""
+
+    heatmap: torch.Tensor
+    """(B, H, W), bits per pixel; each map sums to ``total_bits``."""
+    information: torch.Tensor
+    """(B, C, h, w), bits per element at the bottleneck."""
+    lam: torch.Tensor
+    """(B, C, h, w), λ: the share of the signal that passes."""
+    features: torch.Tensor
+    """(B, C, h, w), R: the clean activation at the bottleneck."""
+    target: torch.Tensor
+    """(B,), the class explained."""
+    probability: torch.Tensor
+    """(B,), the target's softmax probability without the bottleneck."""
+    probability_bottleneck: torch.Tensor
+    """(B,), the target's probability with the bottleneck inserted (mean over noise copies)."""
+
+    @property
+    def total_bits(self) -> torch.Tensor:
+        """(B,), bits that pass the bottleneck per image."""
+        return self.information.sum(dim=(1, 2, 3))
+
+
+def images_of(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Accepts an image tensor or a batch dict of the data layer (key ``image``)."""
+    return batch["image"] if isinstance(batch, Mapping) else batch
+
+
+class BottleneckAttributor(nn.Module):
+    """Base of the Per-Sample and Readout attributors: a frozen classifier split at ``layer``.
+
+    Subclasses implement :meth:`explain`. The bottleneck's statistics come from :meth:`estimate`
+    (or a loaded state dict) and are stored with the attributor's state.
+    """
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        layer: str,
+        sigma: float = 1.0,
+        min_std: float = 0.01,
+        active_threshold: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.layer = layer
+        self.prefix = classifier.prefix(layer)
+        self.suffix = classifier.suffix(layer)
+        (info,) = tap_info(classifier, [layer])
+        self.shape = (info.channels, info.height, info.width)
+        self.bottleneck = InformationBottleneck(
+            FeatureStatistics(self.shape, min_std, active_threshold), sigma
+        )
+
+    @property
+    def statistics(self) -> FeatureStatistics:
+        return self.bottleneck.statistics
+
+    @property
+    def k(self) -> int:
+        """Number of elements at the bottleneck, k = h·w·c (the β = 10/k of the paper)."""
+        c, h, w = self.shape
+        return c * h * w
+
+    def check_images(self, images: torch.Tensor) -> None:
+        size = self.classifier.input_size
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"expected images of shape (B, 3, {size}, {size}) in [0, 1] for {self.classifier.name!r}, "
+                f"got {tuple(images.shape)}"
+            )
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """R = the clean activation at the bottleneck, (B, C, h, w)."""
+        return self.prefix(self.classifier.normalize(images))
+
+    @torch.no_grad()
+    def estimate(
+        self,
+        batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
+        max_samples: int | None = None,
+        progress: bool = True,
+    ) -> FeatureStatistics:
+        """Adds the bottleneck activations of ``batches`` to the statistics (paper: μ, σ over data)."""
+        device = self.classifier.mean.device
+        bar = tqdm(total=max_samples, desc="estimating μ/σ", unit="img", disable=not progress)
+        for batch in batches:
+            images = images_of(batch).to(device)
+            if max_samples is not None:
+                images = images[: max_samples - int(self.statistics.count.item())]
+            self.statistics.update(self.features(images))
+            bar.update(len(images))
+            if max_samples is not None and self.statistics.count.item() >= max_samples:
+                break
+        bar.close()
+        self.statistics.all_reduce()
+        return self.statistics
+
+    @staticmethod
+    def resolve_target(logits: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:
+        """(B,) target classes: the given ones or the top-1 of ``logits``."""
+        if target is None:
+            return logits.argmax(1)
+        target = torch.as_tensor(target, device=logits.device).long()
+        return target.expand(logits.shape[0]) if target.dim() == 0 else target
+
+    def explain(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> Explanation:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.explain(images, target).heatmap
