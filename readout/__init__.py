@@ -1,1 +1,15 @@
-"""readout: information bottlenecks for attribution."""
+"""readout: which pixels a frozen classifier used, in bits.
+
+- ``load_classifier(name_or_path)``: a frozen classifier from the registry or a file.
+- ``PerSample(classifier, layer=...)``: the Per-Sample Bottleneck (fitted per image).
+- ``load(bundle)``: a trained Readout Bottleneck, one forward pass per heatmap.
+
+Every attributor is called as ``attributor(images in [0, 1], target=None) -> (B, H, W)`` bits per pixel.
+"""
+
+from readout.backbones import load_classifier
+from readout.export import load
+from readout.per_sample import PerSample
+from readout.readout_bottleneck import ReadoutBottleneck
+
+__all__ = ["PerSample", "ReadoutBottleneck", "load", "load_classifier"]

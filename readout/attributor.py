@@ -67,13 +67,21 @@ class BottleneckAttributor(nn.Module):
         super().__init__()
         self.classifier = classifier
         self.layer = layer
-        self.prefix = classifier.prefix(layer)
-        self.suffix = classifier.suffix(layer)
         (info,) = tap_info(classifier, [layer])
         self.shape = (info.channels, info.height, info.width)
         self.bottleneck = InformationBottleneck(
             FeatureStatistics(self.shape, min_std, active_threshold), sigma
         )
+
+    # Slices are made on demand, not stored as submodules: the classifier's weights stay registered
+    # once (under ``classifier.``), so state dicts and checkpoints do not hold three copies.
+    @property
+    def prefix(self) -> nn.Sequential:
+        return self.classifier.prefix(self.layer)
+
+    @property
+    def suffix(self) -> nn.Sequential:
+        return self.classifier.suffix(self.layer)
 
     @property
     def statistics(self) -> FeatureStatistics:
@@ -104,21 +112,29 @@ class BottleneckAttributor(nn.Module):
         batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
         max_samples: int | None = None,
         progress: bool = True,
-    ) -> FeatureStatistics:
-        """Adds the bottleneck activations of ``batches`` to the statistics (paper: μ, σ over data)."""
+    ) -> None:
+        """Adds the activations of ``batches`` to every statistics the attributor holds (μ, σ over data),
+        then sums them over ranks when a process group is running."""
         device = self.classifier.mean.device
         bar = tqdm(total=max_samples, desc="estimating μ/σ", unit="img", disable=not progress)
         for batch in batches:
             images = images_of(batch).to(device)
             if max_samples is not None:
                 images = images[: max_samples - int(self.statistics.count.item())]
-            self.statistics.update(self.features(images))
+            self.update_statistics(images)
             bar.update(len(images))
             if max_samples is not None and self.statistics.count.item() >= max_samples:
                 break
         bar.close()
-        self.statistics.all_reduce()
-        return self.statistics
+        for statistics in self.all_statistics():
+            statistics.all_reduce()
+
+    def update_statistics(self, images: torch.Tensor) -> None:
+        """Adds one batch of images to the statistics; subclasses with more statistics extend it."""
+        self.statistics.update(self.features(images))
+
+    def all_statistics(self) -> list[FeatureStatistics]:
+        return [self.statistics]
 
     @staticmethod
     def resolve_target(logits: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:

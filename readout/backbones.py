@@ -103,6 +103,8 @@ class TapInfo:
     height: int
     width: int
     stride: int
+    spatial: bool
+    """False for vector outputs (B, C) such as logits, which readouts broadcast over space."""
 
 
 def tap_info(classifier: Classifier, layers: list[str], input_size: int | None = None) -> list[TapInfo]:
@@ -119,8 +121,9 @@ def tap_info(classifier: Classifier, layers: list[str], input_size: int | None =
     infos = []
     for name, i in zip(layers, indices, strict=True):
         shape = shapes[i]
-        h, w = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
-        infos.append(TapInfo(name, i, shape[1], h, w, max(1, size // h)))
+        spatial = len(shape) == 4
+        h, w = (shape[2], shape[3]) if spatial else (1, 1)
+        infos.append(TapInfo(name, i, shape[1], h, w, max(1, size // h), spatial))
     return infos
 
 

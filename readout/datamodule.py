@@ -1,0 +1,83 @@
+"""The Lightning data module of ``readout.fit``: shards in, batches of the data layer's format out."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from readout.data.shards import ShardSpec, make_loader, resolve_shards
+from readout.data.transforms import eval_transform, train_transform
+
+
+class ReadoutDataModule(pl.LightningDataModule):
+    """Webdataset shards for training the readout.
+
+    Args:
+        train_shards: brace pattern, list, directory or manifest of training shards (any fsspec URL).
+        val_shards: the same for validation; none disables validation.
+        batch_size: images per process and step (the paper: 16 per GPU).
+        num_workers: loader processes per rank.
+        image_size: side of the crops fed to the classifier (224 for ImageNet, 64 for the synthetic set).
+        resize: shorter side before the centre crop in validation (256 for ImageNet).
+        min_scale: smallest area share of RandomResizedCrop in training.
+        batches_per_epoch: batches per rank and epoch (default: the manifest's samples / global batch).
+        shuffle_buffer: samples in the shuffle buffer of each worker.
+        seed: seed of the shard order, the shuffle and the random crops.
+        pin_memory: pin host memory for faster copies to the GPU.
+    """
+
+    def __init__(
+        self,
+        train_shards: ShardSpec,
+        val_shards: ShardSpec | None = None,
+        batch_size: int = 16,
+        num_workers: int = 8,
+        image_size: int = 224,
+        resize: int = 256,
+        min_scale: float = 0.08,
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        # Fail before any model or data work: a missing shard names its pattern here.
+        resolve_shards(train_shards)
+        if val_shards is not None:
+            resolve_shards(val_shards)
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.image_size, self.resize, self.min_scale = image_size, resize, min_scale
+        self.batches_per_epoch = batches_per_epoch
+        self.shuffle_buffer, self.seed, self.pin_memory = shuffle_buffer, seed, pin_memory
+
+    def _eval_loader(self, shards: ShardSpec) -> DataLoader:
+        return make_loader(
+            shards,
+            "eval",
+            self.batch_size,
+            self.num_workers,
+            transform=eval_transform(self.resize, self.image_size),
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(
+            self.train_shards,
+            "train",
+            self.batch_size,
+            self.num_workers,
+            transform=train_transform(self.image_size, scale=(self.min_scale, 1.0)),
+            seed=self.seed,
+            batches_per_epoch=self.batches_per_epoch,
+            shuffle_buffer=self.shuffle_buffer,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_shards is None else self._eval_loader(self.val_shards)
+
+    def estimate_dataloader(self) -> DataLoader:
+        """Training images under the evaluation transform, for μ/σ before the first step."""
+        return self._eval_loader(self.train_shards)

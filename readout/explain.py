@@ -1,0 +1,202 @@
+"""``python -m readout.explain``: heatmaps in bits for image files.
+
+    python -m readout.explain --method per-sample --classifier synthetic-cnn --images 'imgs/*.png' --out out/
+    python -m readout.explain --method readout --checkpoint checkpoints/readout-demo --images a.jpg --out out/
+
+For each image: ``<stem>.npy`` (float32 H×W, bits per pixel), ``<stem>.png`` (the image with the
+heatmap over it and a colour bar), and one ``summary.json`` for the run (target, probability
+before and after the bottleneck, total bits; the files that failed and why). A file that is not an
+image is reported and the others are still done. The Per-Sample Bottleneck's μ/σ are estimated
+once per classifier, layer and data source, and cached on disk (``--cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from readout.attributor import BottleneckAttributor, Explanation
+from readout.backbones import load_classifier
+from readout.export import classifier_fingerprint, load
+from readout.images import BadImage, expand_images, load_image
+from readout.per_sample import PerSample
+from readout.plotting import save_heatmap_png
+
+DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
+
+
+def estimate_batches(args: argparse.Namespace, size: int) -> Iterator[torch.Tensor]:
+    """Images for μ/σ: from ``--estimate-shards``, or the synthetic set for the synthetic classifier."""
+    if args.estimate_shards:
+        from readout.data.shards import make_loader
+
+        loader = make_loader(args.estimate_shards, mode="eval", batch_size=32, image_size=size, resize=size)
+        for batch in loader:
+            yield batch["image"]
+        return
+    if args.classifier != "synthetic-cnn":
+        raise SystemExit(
+            f"error: the per-sample bottleneck needs μ/σ over data for {args.classifier!r}: "
+            f"pass --estimate-shards with shards of its training data (e.g. ImageNet train shards)"
+        )
+    from readout.data.synthetic import synthetic_batch
+
+    # A seed of its own, distinct from the classifier's training and held-out seeds.
+    for start in range(0, args.estimate_samples, 64):
+        yield synthetic_batch(min(64, args.estimate_samples - start), size, seed=777, start=start)["image"]
+
+
+def with_cached_statistics(attributor: BottleneckAttributor, args: argparse.Namespace) -> None:
+    """Loads the attributor's statistics from the cache, or estimates and stores them."""
+    source = args.estimate_shards or "synthetic:777"
+    key = "|".join(
+        [classifier_fingerprint(attributor.classifier), attributor.layer, source, str(args.estimate_samples)]
+    )
+    path = Path(args.cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    if path.is_file():
+        attributor.statistics.load_state_dict(load_file(str(path)))
+        return
+    attributor.estimate(
+        estimate_batches(args, attributor.classifier.input_size), max_samples=args.estimate_samples
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in attributor.statistics.state_dict().items()}, str(path))
+
+
+def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
+    classifier = load_classifier(args.classifier, weights=args.weights)
+    attributor = PerSample(
+        classifier, layer=args.layer, beta=args.beta, steps=args.steps, copies=args.copies, seed=args.seed
+    )
+    with_cached_statistics(attributor, args)
+    return attributor
+
+
+def readout(args: argparse.Namespace) -> BottleneckAttributor:
+    if not args.checkpoint:
+        raise SystemExit("error: --method readout needs --checkpoint DIR (a bundle written by readout.fit)")
+    return load(args.checkpoint)
+
+
+#: --method -> how to build the attributor from the arguments.
+METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {"per-sample": per_sample, "readout": readout}
+SIGNED_METHODS: set[str] = set()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m readout.explain", description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=sorted(METHODS), default="per-sample")
+    parser.add_argument(
+        "--classifier", default="synthetic-cnn", help="registry name or saved classifier path"
+    )
+    parser.add_argument(
+        "--weights", default="IMAGENET1K_V1", help="torchvision weights of registry classifiers"
+    )
+    parser.add_argument("--checkpoint", help="readout bundle directory or URL (readout methods)")
+    parser.add_argument("--images", nargs="+", required=True, help="image files or globs")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--target", type=int, help="class to explain (default: the classifier's top-1)")
+    parser.add_argument("--layer", help="bottleneck layer (default: the registry's per-sample layer)")
+    parser.add_argument("--beta", type=float, default=10.0, help="β·k (paper: 10)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--estimate-shards", help="shards whose images give μ/σ (per-sample)")
+    parser.add_argument("--estimate-samples", type=int, default=2000)
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where estimated μ/σ are kept")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def unique_stems(files: list[Path]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for file in files:
+        count = seen.get(file.stem, 0)
+        seen[file.stem] = count + 1
+        stems.append(file.stem if count == 0 else f"{file.stem}-{count}")
+    return stems
+
+
+def write_outputs(
+    out: Path,
+    stem: str,
+    image: torch.Tensor,
+    explanation: Explanation,
+    index: int,
+    signed: bool,
+    classes: list[str],
+) -> dict[str, Any]:
+    heatmap = explanation.heatmap[index].float().cpu()
+    np.save(out / f"{stem}.npy", heatmap.numpy().astype(np.float32))
+    target = int(explanation.target[index])
+    total = float(explanation.total_bits[index])
+    title = f"{stem}: class {classes[target] if target < len(classes) else target}, {total:.1f} bits"
+    save_heatmap_png(out / f"{stem}.png", image, heatmap, title, symmetric=signed)
+    return {
+        "target": target,
+        "label": classes[target] if target < len(classes) else str(target),
+        "probability": float(explanation.probability[index]),
+        "probability_bottleneck": float(explanation.probability_bottleneck[index]),
+        "total_bits": total,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = expand_images(args.images)
+    attributor = METHODS[args.method](args).to(args.device)
+    size = attributor.classifier.input_size
+    summary: dict[str, Any] = {"method": args.method, "images": {}, "failed": {}}
+    stems = unique_stems(files)
+    for start in tqdm(range(0, len(files), args.batch_size), desc="explaining", unit="batch"):
+        batch_files, batch_stems, images = [], [], []
+        for file, stem in zip(files[start : start + args.batch_size], stems[start : start + args.batch_size]):
+            try:
+                images.append(load_image(file, size))
+            except BadImage as error:
+                print(f"skipped: {error}", file=sys.stderr)
+                summary["failed"][str(file)] = str(error)
+                continue
+            batch_files.append(file)
+            batch_stems.append(stem)
+        if not images:
+            continue
+        batch = torch.stack(images).to(args.device)
+        explanation = attributor.explain(batch, args.target)
+        for i, (file, stem) in enumerate(zip(batch_files, batch_stems, strict=True)):
+            record = write_outputs(
+                out,
+                stem,
+                images[i],
+                explanation,
+                i,
+                args.method in SIGNED_METHODS,
+                attributor.classifier.classes,
+            )
+            summary["images"][stem] = {"file": str(file), **record}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = run(parse_args(argv))
+    done, failed = len(summary["images"]), len(summary["failed"])
+    print(f"{done} heatmaps written, {failed} files skipped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A trained readout as a self-contained, versioned bundle that loads without Lightning and without pickle.
+
+A bundle is a directory (local or any fsspec URL) with two files:
+- ``readout.safetensors``: the readout net's weights and every estimator statistics (no classifier
+  weights: the classifier comes from the registry and is checked against a fingerprint);
+- ``readout.json``: the configuration (classifier, its fingerprint, bottleneck layer, taps, β, σ_s,
+  normalisation, input size) and the format version.
+
+``python -m readout.export CKPT --out DIR`` writes one from a ``readout.fit`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from readout.backbones import Classifier, load_classifier
+from readout.readout_bottleneck import ReadoutBottleneck
+
+FORMAT = "readout-bundle/1"
+WEIGHTS_FILE = "readout.safetensors"
+CONFIG_FILE = "readout.json"
+
+
+def classifier_fingerprint(classifier: Classifier) -> str:
+    """A short hash of the classifier's architecture and weights, to refuse a bundle of another one."""
+    digest = hashlib.sha256(classifier.name.encode())
+    for key, value in classifier.stages.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def readout_state(attributor: ReadoutBottleneck) -> dict[str, torch.Tensor]:
+    """Everything trained or estimated: the attributor's state without the classifier's weights."""
+    return {k: v for k, v in attributor.state_dict().items() if not k.startswith("classifier.")}
+
+
+def export_bundle(
+    attributor: ReadoutBottleneck,
+    out: str,
+    classifier: dict[str, Any],
+    beta: float,
+    fingerprint: str | None = None,
+) -> str:
+    """Writes the bundle to directory ``out``; ``classifier`` holds how to load it (name, weights, path)."""
+    net = attributor.classifier
+    config = {
+        "format": FORMAT,
+        "classifier": {
+            **classifier,
+            "fingerprint": fingerprint or classifier_fingerprint(net),
+            "input_size": net.input_size,
+            "normalisation": {"mean": net.mean.flatten().tolist(), "std": net.std.flatten().tolist()},
+            "num_classes": net.num_classes,
+        },
+        "layer": attributor.layer,
+        "taps": attributor.taps,
+        "beta": beta,
+        "sigma": attributor.bottleneck.sigma,
+        "min_std": attributor.statistics.min_std,
+        "active_threshold": attributor.statistics.active_threshold,
+    }
+    fs, root = fsspec.core.url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in readout_state(attributor).items()}
+    # Write under temporary names, then rename: a killed export never leaves a half bundle.
+    for name, payload in [
+        (WEIGHTS_FILE, save_safetensors(state)),
+        (CONFIG_FILE, json.dumps(config, indent=2).encode()),
+    ]:
+        target = f"{root.rstrip('/')}/{name}"
+        with fs.open(target + ".tmp", "wb") as handle:
+            handle.write(payload)
+        fs.mv(target + ".tmp", target)
+    return out
+
+
+def _read(url: str, name: str) -> bytes:
+    path = f"{url.rstrip('/')}/{name}"
+    try:
+        with fsspec.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path} is missing: {url} is not a complete readout bundle") from error
+
+
+def load(
+    path: str | Path, classifier: Classifier | None = None, device: str | torch.device = "cpu"
+) -> ReadoutBottleneck:
+    """Loads a bundle (local directory or fsspec URL) as a ready attributor; imports no Lightning.
+
+    ``classifier`` may be given to reuse one already in memory; it must be the one the readout was
+    trained on (same fingerprint), else the bundle is refused with a clear error.
+    """
+    url = str(path)
+    try:
+        config = json.loads(_read(url, CONFIG_FILE))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{url}/{CONFIG_FILE} is corrupt: {error}") from error
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{url} is not a readout bundle of format {FORMAT} (found {config.get('format')!r})")
+    spec = config["classifier"]
+    if classifier is None:
+        classifier = load_classifier(
+            spec["name"], weights=spec.get("weights"), weights_path=spec.get("weights_path")
+        )
+    found = classifier_fingerprint(classifier)
+    if found != spec["fingerprint"]:
+        raise ValueError(
+            f"the bundle {url} was trained on classifier {spec['name']!r} with fingerprint "
+            f"{spec['fingerprint']}, but the classifier given has fingerprint {found} "
+            f"({classifier.name!r}): load the matching weights"
+        )
+    attributor = ReadoutBottleneck(
+        classifier,
+        config["layer"],
+        config["taps"],
+        sigma=config["sigma"],
+        min_std=config["min_std"],
+        active_threshold=config["active_threshold"],
+    )
+    try:
+        state = load_safetensors(_read(url, WEIGHTS_FILE))
+    except SafetensorError as error:
+        raise ValueError(f"{url}/{WEIGHTS_FILE} is corrupt: {error}") from error
+    missing, unexpected = attributor.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{url}/{WEIGHTS_FILE} does not fit its config: missing {missing}, unexpected {unexpected}"
+        )
+    return attributor.to(device).eval()
+
+
+def export_checkpoint(checkpoint: str, out: str) -> str:
+    """Exports a ``readout.fit`` checkpoint (loaded with ``weights_only=True``) as a bundle."""
+    from readout.lit import ReadoutModule  # Lightning only for this path, never for load()
+
+    with fsspec.open(checkpoint, "rb") as handle:
+        state = torch.load(handle, map_location="cpu", weights_only=True)
+    hparams = state["hyper_parameters"]
+    module = ReadoutModule(**hparams)
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"])
+    return export_module(module, out)
+
+
+def export_module(module: Any, out: str) -> str:
+    """Exports a trained :class:`readout.lit.ReadoutModule`."""
+    hparams = module.hparams
+    classifier = {
+        "name": hparams.classifier,
+        "weights": hparams.weights,
+        "weights_path": hparams.weights_path,
+    }
+    return export_bundle(module.attributor, out, classifier, hparams.beta, module.fingerprint)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m readout.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint written by readout.fit (local path or fsspec URL)")
+    parser.add_argument("--out", required=True, help="directory of the bundle (local path or fsspec URL)")
+    args = parser.parse_args(argv)
+    print(export_checkpoint(args.checkpoint, args.out))
+
+
+if __name__ == "__main__":
+    main()

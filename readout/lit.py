@@ -1,0 +1,254 @@
+"""Training the Readout Bottleneck with Lightning: the only module besides the data module that imports it.
+
+One training step = one classifier pass without gradients (readout taps and the bottleneck's input),
+the readout net, noise injection, and a pass through the layers after the bottleneck only. The
+frozen classifier never changes: eval mode, no gradients, and its weights are left out of
+checkpoints (they are identified by a fingerprint instead and restored from the registry).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
+from torchmetrics.classification import MulticlassAccuracy
+
+from readout.backbones import load_classifier
+from readout.bottleneck import LN2
+from readout.export import classifier_fingerprint
+from readout.plotting import heatmap_grid
+from readout.readout_bottleneck import ReadoutBottleneck
+
+CLASSIFIER_PREFIX = "attributor.classifier."
+
+
+def sample_noise(keys: list[str], step: int, like: torch.Tensor, seed: int) -> torch.Tensor:
+    """Standard normal noise (B, C, h, w), each sample's drawn from (seed, its key, the step).
+
+    The noise of a sample does not depend on which rank or batch position it lands in, so a run on
+    two processes draws exactly the noise of a run on one, and a resumed run the noise it would have.
+    """
+    noise = torch.empty_like(like)
+    generator = torch.Generator(device=like.device)
+    for i, key in enumerate(keys):
+        generator.manual_seed(zlib.crc32(f"{seed}/{key}/{step}".encode()))
+        noise[i] = torch.randn(like.shape[1:], generator=generator, device=like.device, dtype=like.dtype)
+    return noise
+
+
+class ReadoutModule(pl.LightningModule):
+    """The Readout Bottleneck as a LightningModule. Defaults are the paper's (Table 4).
+
+    Args:
+        classifier: registry name or path of the frozen classifier (resnet50, vgg16, synthetic-cnn).
+        weights: torchvision weight entry for registry classifiers (null: random init, smoke tests only).
+        weights_path: a local file with the classifier's weights, instead of the torch hub cache.
+        layer: the bottleneck's layer (default: the registry's, conv2_3 for resnet50).
+        taps: the readout's layers (default: the registry's).
+        beta: β·k, the numerator of β = beta/k with k = h·w·c of the bottleneck.
+        sigma: smoothing σ_s of λ.
+        lr: Adam's learning rate for the readout net.
+        min_std: floor of σ in the bottleneck and in the readout's normalisation.
+        active_threshold: units non-zero in fewer samples than this share are treated as dead.
+        estimate_samples: training samples for μ/σ before the first step (summed over ranks).
+        heatmap_every_n_steps: a grid of heatmaps over fixed validation images every N steps (0: off).
+        num_heatmaps: images in that grid.
+        collapse: what to do when the bottleneck's accuracy falls to chance at validation.
+        noise_seed: seed of the per-sample noise.
+    """
+
+    def __init__(
+        self,
+        classifier: str = "resnet50",
+        weights: str | None = "IMAGENET1K_V1",
+        weights_path: str | None = None,
+        layer: str | None = None,
+        taps: list[str] | None = None,
+        beta: float = 10.0,
+        sigma: float = 1.0,
+        lr: float = 1e-5,
+        min_std: float = 0.01,
+        active_threshold: float = 0.01,
+        estimate_samples: int = 5000,
+        heatmap_every_n_steps: int = 500,
+        num_heatmaps: int = 8,
+        collapse: Literal["warn", "stop", "ignore"] = "warn",
+        noise_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"model.beta must be > 0 (β = beta/k), got {beta}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        self.save_hyperparameters()
+        network = load_classifier(classifier, weights=weights, weights_path=weights_path)
+        self.attributor = ReadoutBottleneck(network, layer, taps, sigma, min_std, active_threshold)
+        self.fingerprint = classifier_fingerprint(network)
+        classes = network.num_classes
+        self.accuracy = MulticlassAccuracy(classes, average="micro")
+        self.accuracy_bottleneck = MulticlassAccuracy(classes, average="micro")
+        self.fixed_images: torch.Tensor | None = None
+        self._step_started = 0.0
+
+    # ----------------------------------------------------------------------------------------------------
+    # The estimator stage
+
+    def on_fit_start(self) -> None:
+        if self.attributor.statistics.count.item() > 0:
+            return  # resumed: the statistics came with the checkpoint
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        per_rank = -(-self.hparams["estimate_samples"] // self.trainer.world_size)
+        self.attributor.estimate(
+            datamodule.estimate_dataloader(), max_samples=per_rank, progress=self.trainer.is_global_zero
+        )
+
+    # ----------------------------------------------------------------------------------------------------
+    # Steps
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.attributor.net.parameters(), lr=self.hparams["lr"])
+
+    def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Loss = CE(classifier after the bottleneck, label) + β/k·Σ KL, mean over the batch."""
+        images, labels = batch["image"], batch["label"]
+        logits, features, readout = self.attributor.first_pass(images)
+        alpha = self.attributor.alpha(readout)
+        noise = sample_noise(list(batch["key"]), self.global_step, features, self.hparams["noise_seed"])
+        z, kl = self.attributor.bottleneck(features, alpha, noise)
+        logits_bottleneck = self.attributor.suffix(z)
+        ce = F.cross_entropy(logits_bottleneck, labels)
+        information = kl.flatten(1).sum(1)
+        loss = ce + self.hparams["beta"] / self.attributor.k * information.mean()
+        return {
+            "loss": loss,
+            "ce": ce,
+            "bits": information.mean() / LN2,
+            "logits": logits,
+            "logits_bottleneck": logits_bottleneck,
+            "kl": kl,
+        }
+
+    def on_train_epoch_start(self) -> None:
+        # The shard order and crops are seeded per epoch; Lightning only reseeds samplers itself.
+        set_epoch = getattr(getattr(self.trainer.train_dataloader, "dataset", None), "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.shared_step(batch)
+        if not torch.isfinite(out["loss"]):
+            raise FloatingPointError(
+                f"loss is {out['loss'].item()} at step {self.global_step} (ce {out['ce'].item()}, "
+                f"bits {out['bits'].item()}); the last checkpoint is kept. Lower model.lr or check the data."
+            )
+        labels = batch["label"]
+        size = len(labels)
+        self.log_dict(
+            {
+                "train/loss": out["loss"],
+                "train/ce": out["ce"],
+                "train/bits_per_image": out["bits"],
+                "train/top1": (out["logits"].argmax(1) == labels).float().mean(),
+                "train/top1_bottleneck": (out["logits_bottleneck"].argmax(1) == labels).float().mean(),
+            },
+            batch_size=size,
+            prog_bar=False,
+            sync_dist=False,
+        )
+        self.log("loss", out["loss"], prog_bar=True, batch_size=size, logger=False)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        size = len(batch["label"]) * self.trainer.world_size
+        self.log("train/images_per_s", size / max(elapsed, 1e-9), batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        every = self.hparams["heatmap_every_n_steps"]
+        if every and self.global_step % every == 0 and self.fixed_images is not None:
+            self.log_heatmaps()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.shared_step(batch)
+        labels = batch["label"]
+        self.accuracy.update(out["logits"], labels)
+        self.accuracy_bottleneck.update(out["logits_bottleneck"], labels)
+        self.log_dict(
+            {"val/loss": out["loss"], "val/ce": out["ce"], "val/bits_per_image": out["bits"]},
+            batch_size=len(labels),
+            sync_dist=True,
+        )
+        if batch_idx == 0 and self.fixed_images is None:
+            self.fixed_images = batch["image"][: self.hparams["num_heatmaps"]].detach().clone()
+
+    def on_validation_epoch_end(self) -> None:
+        clean, noisy = self.accuracy.compute(), self.accuracy_bottleneck.compute()
+        self.log_dict({"val/top1": clean, "val/top1_bottleneck": noisy}, sync_dist=False)
+        self.accuracy.reset()
+        self.accuracy_bottleneck.reset()
+        if self.fixed_images is not None:
+            self.log_heatmaps()
+        if not self.trainer.sanity_checking:
+            self.check_collapse(float(clean), float(noisy))
+
+    def check_collapse(self, clean: float, noisy: float) -> None:
+        """The readout collapses when β is too large for the lr: λ → 0, accuracy through it → chance."""
+        chance = 1.0 / self.attributor.classifier.num_classes
+        if (
+            self.hparams["collapse"] == "ignore"
+            or clean < chance + 0.1
+            or noisy > chance + 0.25 * (clean - chance)
+        ):
+            return  # nothing to judge when the classifier itself is near chance
+        message = (
+            f"the readout bottleneck has collapsed: top-1 through the bottleneck is {noisy:.3f} against "
+            f"{clean:.3f} without it (chance {chance:.3f}). The information penalty wins over the "
+            f"classification loss: lower model.beta (the synthetic demo uses 1, not 10) or model.lr."
+        )
+        rank_zero_warn(message)
+        if self.hparams["collapse"] == "stop":
+            self.trainer.should_stop = True
+
+    @torch.no_grad()
+    def log_heatmaps(self) -> None:
+        experiment: Any = getattr(self.logger, "experiment", None)
+        if (
+            self.fixed_images is None
+            or not hasattr(experiment, "add_image")
+            or not self.trainer.is_global_zero
+        ):
+            return
+        heatmaps = self.attributor(self.fixed_images)
+        experiment.add_image("heatmaps", heatmap_grid(self.fixed_images, heatmaps), self.global_step)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Checkpoints: the frozen classifier is identified, not stored
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(CLASSIFIER_PREFIX)]:
+            del state[key]
+        checkpoint["readout_classifier"] = {
+            "name": self.attributor.classifier.name,
+            "fingerprint": self.fingerprint,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("readout_classifier")
+        if stored is None:
+            raise ValueError("this checkpoint was not written by readout.fit (no readout_classifier entry)")
+        if stored["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"this checkpoint was trained on classifier {stored['name']!r} (fingerprint "
+                f"{stored['fingerprint']}), not on the configured {self.attributor.classifier.name!r} "
+                f"(fingerprint {self.fingerprint}): set model.classifier/model.weights to match it"
+            )
+        for key, value in self.attributor.classifier.state_dict().items():
+            checkpoint["state_dict"][CLASSIFIER_PREFIX + key] = value

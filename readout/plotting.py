@@ -1,0 +1,66 @@
+"""Pictures of heatmaps: overlays with a colour bar in bits, and grids for TensorBoard and reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+
+
+def _limits(heatmap: np.ndarray, symmetric: bool) -> tuple[float, float]:
+    if symmetric:
+        bound = float(np.abs(heatmap).max()) or 1.0
+        return -bound, bound
+    return 0.0, float(heatmap.max()) or 1.0
+
+
+def save_heatmap_png(
+    path: str | Path,
+    image: torch.Tensor,
+    heatmap: torch.Tensor,
+    title: str = "",
+    symmetric: bool = False,
+    unit: str = "bits per pixel",
+) -> None:
+    """The image (3, H, W) in [0, 1] beside the heatmap (H, W) over it, with a colour bar in ``unit``.
+
+    Signed maps (Relevance-IBA) use a symmetric diverging colour map centred on zero.
+    """
+    picture = image.detach().cpu().permute(1, 2, 0).numpy()
+    values = heatmap.detach().cpu().float().numpy()
+    low, high = _limits(values, symmetric)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3.2))
+    left.imshow(picture)
+    left.set_axis_off()
+    right.imshow(picture.mean(axis=2), cmap="gray", vmin=0, vmax=1)
+    shown = right.imshow(values, cmap="bwr" if symmetric else "inferno", vmin=low, vmax=high, alpha=0.75)
+    right.set_axis_off()
+    figure.colorbar(shown, ax=right, fraction=0.046, pad=0.04, label=unit)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def overlay(image: torch.Tensor, heatmap: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    """(3, H, W) image and (H, W) map -> (3, H, W) float picture: the map coloured over the gray image."""
+    values = heatmap.detach().cpu().float().numpy()
+    low, high = _limits(values, symmetric)
+    colours = colormaps["bwr" if symmetric else "inferno"]((values - low) / (high - low + 1e-12))[..., :3]
+    gray = image.detach().cpu().mean(0, keepdim=True).permute(1, 2, 0).numpy()
+    mixed = 0.35 * gray + 0.65 * colours
+    return torch.from_numpy(mixed).permute(2, 0, 1).float().clamp(0, 1)
+
+
+def heatmap_grid(images: torch.Tensor, heatmaps: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) images over (B, H, W) maps -> (3, 2H, B·W): images on top, overlays below."""
+    top = torch.cat(list(images.detach().cpu().float()), dim=2)
+    bottom = torch.cat([overlay(i, h, symmetric) for i, h in zip(images, heatmaps, strict=True)], dim=2)
+    return torch.cat([top, bottom], dim=1)

@@ -1,0 +1,106 @@
+"""The Readout Bottleneck attributor: one forward pass of the classifier gives a heatmap.
+
+A first pass collects the readout taps (and the activation at the bottleneck) without gradients;
+the readout network predicts α from them; the bottleneck measures the information that α lets
+through. Training (readout.lit) adds a second pass that runs only the layers after the bottleneck on
+the noisy activation; inference needs no second pass at all.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from torch import nn
+
+from readout.attributor import BottleneckAttributor, Explanation
+from readout.backbones import Classifier, backbone_spec, tap_info
+from readout.bottleneck import LN2, FeatureStatistics, information_map
+from readout.readout_net import ReadoutNet, stack_readout_features
+from readout.taps import FeatureTaps
+
+
+class ReadoutBottleneck(BottleneckAttributor):
+    """``ReadoutBottleneck(classifier, layer, taps)(images, target=None) -> (B, H, W)`` bits per pixel.
+
+    ``layer`` and ``taps`` default to the paper's (Table 4): resnet50 at conv2_3 reading conv2_3,
+    conv3_4, conv4_6, conv5_3 and fc; vgg16 at conv3_1 reading conv3_1, conv4_1, conv5_1, conv5_3, fc.
+    The readout's statistics (one :class:`FeatureStatistics` per tap) are part of the state dict.
+    """
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        layer: str | None = None,
+        taps: list[str] | None = None,
+        sigma: float = 1.0,
+        min_std: float = 0.01,
+        active_threshold: float = 0.01,
+        init_alpha: float = 5.0,
+    ) -> None:
+        spec = backbone_spec(classifier.name)
+        layer = layer or spec.readout_layer
+        super().__init__(classifier, layer, sigma, min_std, active_threshold)
+        self.taps = list(taps or spec.readout_taps)
+        infos = tap_info(classifier, self.taps)
+        shapes = [(i.channels, i.height, i.width) if i.spatial else (i.channels,) for i in infos]
+        self.readout_statistics = nn.ModuleList(
+            FeatureStatistics(s, min_std, active_threshold) for s in shapes
+        )
+        self.net = ReadoutNet(sum(s[0] for s in shapes), self.shape[0], init_alpha)
+
+    @property
+    def tap_statistics(self) -> list[FeatureStatistics]:
+        """One statistics per readout tap, in the order of ``taps``."""
+        return [cast(FeatureStatistics, statistics) for statistics in self.readout_statistics]
+
+    def first_pass(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """One classifier pass without gradients: (logits, R at the bottleneck, readout features)."""
+        with torch.no_grad(), FeatureTaps(self.classifier, [self.layer, *self.taps]) as taps:
+            logits = self.classifier(images)
+        return logits, taps.features[self.layer], [taps.features[name] for name in self.taps]
+
+    def alpha(self, readout_features: list[torch.Tensor]) -> torch.Tensor:
+        """α (B, C, h, w) from the readout features."""
+        size = (self.shape[1], self.shape[2])
+        return self.net(stack_readout_features(readout_features, self.tap_statistics, size))
+
+    def update_statistics(self, images: torch.Tensor) -> None:
+        _, features, readout = self.first_pass(images)
+        self.statistics.update(features)
+        for statistics, x in zip(self.tap_statistics, readout, strict=True):
+            statistics.update(x)
+
+    def all_statistics(self) -> list[FeatureStatistics]:
+        return [self.statistics, *self.tap_statistics]
+
+    def explain(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> Explanation:
+        self.check_images(images)
+        logits, features, readout = self.first_pass(images)
+        target = self.resolve_target(logits, target)
+        with torch.no_grad():
+            alpha = self.alpha(readout)
+            z, kl = self.bottleneck(features, alpha, torch.randn_like(features))
+            noisy = self.suffix(z).softmax(1)
+            lam, _ = self.bottleneck.lambdas(alpha)
+        return Explanation(
+            heatmap=information_map(kl, tuple(images.shape[-2:])),
+            information=kl / LN2,
+            lam=lam,
+            features=features,
+            target=target,
+            probability=logits.softmax(1).gather(1, target[:, None])[:, 0],
+            probability_bottleneck=noisy.gather(1, target[:, None])[:, 0],
+        )
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The heatmap alone: one classifier pass and the readout net, no pass through the suffix.
+
+        The readout's α does not depend on the target (the paper's readout reads the logits instead),
+        so ``target`` is accepted for the common call contract only.
+        """
+        self.check_images(images)
+        _, features, readout = self.first_pass(images)
+        kl = self.bottleneck.information(features, self.alpha(readout))
+        return information_map(kl, tuple(images.shape[-2:]))
