@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stems = unique_stems(files)
     for start in tqdm(range(0, len(files), args.batch_size), desc="explaining", unit="batch"):
         batch_files, batch_stems, images = [], [], []
-        for file, stem in zip(files[start : start + args.batch_size], stems[start : start + args.batch_size]):
+        chunk = slice(start, start + args.batch_size)
+        for file, stem in zip(files[chunk], stems[chunk], strict=True):
             try:
                 images.append(load_image(file, size))
             except BadImage as error:
