@@ -1,0 +1,235 @@
+"""The shard format: what one sample and one manifest look like, shared by every writer and the reader.
+
+A shard is a plain tar file (webdataset layout). One sample is the group of tar members that share a key:
+
+- ``<key>.jpg`` or ``<key>.png``: the RGB image.
+- ``<key>.cls``: the class index as an ASCII integer (torchvision's index; ImageNet: sorted wnids).
+- ``<key>.json``: ``{"bbox": [[x0, y0, x1, y1], ...], "size": [W, H], "label": name}``; boxes in pixels
+  of the stored image, ``x1``/``y1`` exclusive, so a box covers the pixels whose centres ``(c + 0.5)``
+  lie in ``[x0, x1)``; an empty list when the sample has no box.
+- ``<key>.mask.png``: the object's pixel mask (0 or 255, same size as the image), only where one exists.
+
+Keys hold no dot and no slash: webdataset splits a member name at the first dot of its base name.
+
+Next to the shards lies ``manifest.json`` (:class:`Manifest`): the shards with their sample counts, the
+class names, samples per class, the files that were skipped and why, and how the set was made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+
+FORMAT = "readout-shards/1"
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXTENSIONS = ("jpg", "png")
+
+Box = tuple[float, float, float, float]
+
+
+class SampleError(ValueError):
+    """A sample that cannot be decoded; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+#: Why a sample or a shard can be skipped by the reader.
+SKIP_REASONS = (
+    "missing_image",
+    "unreadable_image",
+    "missing_cls",
+    "bad_cls",
+    "bad_json",
+    "bad_mask",
+    "bad_shard",
+)
+
+
+@dataclass
+class ShardSample:
+    """One decoded sample.
+
+    image: (H, W, 3) uint8 RGB. boxes: [x0, y0, x1, y1] in pixels (see the module docstring).
+    mask: (H, W) bool, or None where the sample has no mask.
+    """
+
+    key: str
+    image: np.ndarray
+    label: int
+    label_name: str
+    boxes: list[Box]
+    mask: np.ndarray | None = None
+
+
+def check_key(key: str) -> str:
+    """The key itself; raises if webdataset would split it wrongly (a dot or a slash in it)."""
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and hold no '.' or '/'")
+    return key
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 or (H, W) bool -> PNG bytes (lossless)."""
+    image = Image.fromarray(array.astype(np.uint8) * 255 if array.dtype == bool else array)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def encode_sample(
+    key: str,
+    image: bytes,
+    image_ext: Literal["jpg", "png"],
+    label: int,
+    label_name: str,
+    boxes: list[Box],
+    size: tuple[int, int],
+    mask: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The tar members of one sample, ready for ``wds.TarWriter(encoder=False)``.
+
+    image: already encoded bytes (``image_ext`` says which codec). size: (W, H) of that image.
+    mask: (H, W) bool or None.
+    """
+    if image_ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"image_ext must be one of {IMAGE_EXTENSIONS}, got {image_ext!r}")
+    meta = {
+        "bbox": [[float(v) for v in box] for box in boxes],
+        "size": [int(size[0]), int(size[1])],
+        "label": label_name,
+    }
+    sample: dict[str, Any] = {
+        "__key__": check_key(key),
+        image_ext: image,
+        "cls": str(int(label)).encode("ascii"),
+        "json": json.dumps(meta).encode("utf-8"),
+    }
+    if mask is not None:
+        if mask.shape != (size[1], size[0]):
+            raise ValueError(f"mask of {key!r} has shape {mask.shape}, image size (W, H) is {size}")
+        sample["mask.png"] = encode_png(mask.astype(bool))
+    return sample
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> (H, W, 3) uint8 RGB; any mode (L, CMYK, P, RGBA) is converted."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return np.array(image.convert("RGB"))
+
+
+def decode_sample(raw: dict[str, Any]) -> ShardSample:
+    """A sample as read from a tar (member suffix -> bytes) -> :class:`ShardSample`.
+
+    Raises :class:`SampleError` with a reason from :data:`SKIP_REASONS` when anything is missing or broken.
+    """
+    key = raw.get("__key__", "?")
+    where = f"sample {key!r} of {raw.get('__url__', '?')}"
+    if "cls" not in raw:
+        raise SampleError("missing_cls", f"{where} has no 'cls'")
+    try:
+        label = int(raw["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SampleError("bad_cls", f"{where}: 'cls' is not an integer ({error})") from error
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        raise SampleError("missing_image", f"{where} has no jpg or png")
+    try:
+        image = decode_image(raw[ext])
+    except Exception as error:  # PIL raises many kinds on broken data
+        raise SampleError("unreadable_image", f"{where}: cannot decode {ext} ({error})") from error
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        boxes = [(float(a), float(b), float(c), float(d)) for a, b, c, d in meta.get("bbox", [])]
+    except (ValueError, TypeError) as error:
+        raise SampleError("bad_json", f"{where}: bad json ({error})") from error
+    mask = None
+    if "mask.png" in raw:
+        try:
+            mask = decode_mask(raw["mask.png"])
+        except Exception as error:
+            raise SampleError("bad_mask", f"{where}: cannot decode mask.png ({error})") from error
+        if mask.shape != image.shape[:2]:
+            raise SampleError("bad_mask", f"{where}: mask {mask.shape} differs from image {image.shape[:2]}")
+    return ShardSample(key, image, label, str(meta.get("label", label)), boxes, mask)
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """PNG bytes -> (H, W) bool."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("L")) > 127
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Union of boxes rasterised by pixel centres.
+
+    boxes: (N, 4) [x0, y0, x1, y1] in pixels -> (height, width) bool; pixel (r, c) is in a box when
+    ``x0 <= c + 0.5 < x1`` and ``y0 <= r + 0.5 < y1``. N = 0 gives an all-False mask.
+    """
+    boxes = boxes.reshape(-1, 4).to(torch.float32)
+    xs = torch.arange(width, dtype=torch.float32) + 0.5
+    ys = torch.arange(height, dtype=torch.float32) + 0.5
+    inside_x = (xs >= boxes[:, 0:1]) & (xs < boxes[:, 2:3])  # (N, W)
+    inside_y = (ys >= boxes[:, 1:2]) & (ys < boxes[:, 3:4])  # (N, H)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).any(dim=0)
+
+
+@dataclass
+class ShardInfo:
+    """One shard of a manifest: its file name (relative to the manifest) and how many samples it holds."""
+
+    name: str
+    samples: int
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what a directory of shards holds and how it was made."""
+
+    classes: list[str]
+    shards: list[ShardInfo]
+    per_class: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["samples"] = self.samples
+        return json.dumps(data, indent=2) + "\n"
+
+    def write(self, path: str) -> None:
+        """Writes the manifest to a local path or any fsspec URL."""
+        with fsspec.open(path, "w") as stream:
+            stream.write(self.to_json())
+
+    @classmethod
+    def read(cls, path: str) -> Manifest:
+        """Reads a manifest from a local path or any fsspec URL."""
+        with fsspec.open(path, "r") as stream:
+            data = json.load(stream)
+        if data.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} is not a shard manifest (format {data.get('format')!r}, expected {FORMAT!r})"
+            )
+        shards = [ShardInfo(**shard) for shard in data["shards"]]
+        return cls(
+            data["classes"],
+            shards,
+            data.get("per_class", {}),
+            data.get("skipped", []),
+            data.get("source", {}),
+        )
