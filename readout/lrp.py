@@ -1,0 +1,176 @@
+"""Layer-wise relevance propagation through the layers before a tap: a thin layer over zennit.
+
+Relevance given at a module's output (any shape, any units) is propagated back to its input with a
+zennit composite; the input relevance sums to the output relevance when the rules conserve it.
+
+Two things make that hold here:
+
+- Canonizers (zennit's ``ResNetCanonizer``, ``VGGCanonizer``) merge batch norm into the preceding
+  convolution and turn a residual addition into a ``Sum`` module with its own rule. Without them the
+  gradient of ``out + identity`` hands the full relevance to both branches (doubling it per block).
+- Biases would absorb relevance (the batch-norm merge creates them). Every rule gets
+  ``zero_params=["bias"]``: the redistribution ignores biases, while the forward pass, and so every
+  activation and every dead unit, stays that of the real network.
+
+The rules for the first layer (Flat, ZBox) go to the first linear module that zennit's own
+``SpecialFirstLayerMapComposite`` meets in ``named_modules`` order (:func:`first_layer` says which).
+The module is deep-copied once, with in-place ReLUs made out-of-place: the caller's classifier is
+never touched, and hooks and canonizers live only while :meth:`RelevancePropagator.forward` runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from zennit.attribution import Gradient
+from zennit.canonizers import Canonizer
+from zennit.composites import (
+    EpsilonAlpha2Beta1,
+    EpsilonAlpha2Beta1Flat,
+    EpsilonGammaBox,
+    EpsilonPlus,
+    EpsilonPlusFlat,
+    SpecialFirstLayerMapComposite,
+)
+from zennit.core import Composite
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+#: Parameters the rules treat as zero while redistributing relevance (never in the forward pass).
+ZERO_PARAMS = ["bias"]
+
+#: A composite from the input bounds (low, high: (1, 3, 1, 1), normalised units) and the canonizers.
+CompositeFactory = Callable[[torch.Tensor, torch.Tensor, list[Canonizer]], Composite]
+
+COMPOSITES: dict[str, CompositeFactory] = {
+    "EpsilonPlusFlat": lambda low, high, canonizers: EpsilonPlusFlat(
+        zero_params=ZERO_PARAMS, canonizers=canonizers
+    ),
+    "EpsilonPlus": lambda low, high, canonizers: EpsilonPlus(zero_params=ZERO_PARAMS, canonizers=canonizers),
+    "EpsilonGammaBox": lambda low, high, canonizers: EpsilonGammaBox(
+        low=low, high=high, zero_params=ZERO_PARAMS, canonizers=canonizers
+    ),
+    "EpsilonAlpha2Beta1": lambda low, high, canonizers: EpsilonAlpha2Beta1(
+        zero_params=ZERO_PARAMS, canonizers=canonizers
+    ),
+    "EpsilonAlpha2Beta1Flat": lambda low, high, canonizers: EpsilonAlpha2Beta1Flat(
+        zero_params=ZERO_PARAMS, canonizers=canonizers
+    ),
+}
+"""Composites by name (the config value); each rule ignores biases (``ZERO_PARAMS``)."""
+
+CANONIZERS: dict[str, Callable[[], list[Canonizer]]] = {
+    "resnet": lambda: [ResNetCanonizer()],
+    "vgg": lambda: [VGGCanonizer()],
+    "none": list,
+}
+"""Canonizers by name: fresh instances per call (zennit canonizers hold the state they undo)."""
+
+
+@dataclass(frozen=True)
+class LrpDefaults:
+    """The composite and canonizer a classifier gets unless told otherwise."""
+
+    composite: str
+    canonizer: str
+
+
+#: Per classifier name (``Classifier.name``, the registry key of :mod:`readout.backbones`).
+DEFAULTS: dict[str, LrpDefaults] = {
+    "resnet50": LrpDefaults("EpsilonPlusFlat", "resnet"),
+    "synthetic-cnn": LrpDefaults("EpsilonPlusFlat", "resnet"),
+    "vgg16": LrpDefaults("EpsilonPlusFlat", "vgg"),
+}
+
+
+def lrp_defaults(classifier_name: str) -> LrpDefaults:
+    if classifier_name not in DEFAULTS:
+        raise KeyError(
+            f"no LRP defaults for classifier {classifier_name!r} (known: {', '.join(DEFAULTS)}); "
+            "pass composite and canonizer explicitly"
+        )
+    return DEFAULTS[classifier_name]
+
+
+def make_composite(name: str, canonizer: str, low: torch.Tensor, high: torch.Tensor) -> Composite:
+    """A fresh composite ``name`` with the canonizers ``canonizer``; unknown names list the valid ones."""
+    if name not in COMPOSITES:
+        raise KeyError(f"unknown composite {name!r}; registered: {', '.join(COMPOSITES)}")
+    if canonizer not in CANONIZERS:
+        raise KeyError(f"unknown canonizer {canonizer!r}; registered: {', '.join(CANONIZERS)}")
+    return COMPOSITES[name](low, high, CANONIZERS[canonizer]())
+
+
+def input_bounds(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of normalised images for the ZBox rule: ((0 − mean)/std, (1 − mean)/std), (1, C, 1, 1) each."""
+    mean, std = mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+    return (0 - mean) / std, (1 - mean) / std
+
+
+def first_layer(composite: Composite, module: nn.Module) -> str | None:
+    """Name (in ``module.named_modules()``) of the module that gets the composite's first-layer rule.
+
+    Asks the composite's own mapping, in the order zennit registers hooks; None for composites
+    without a first-layer rule.
+    """
+    if not isinstance(composite, SpecialFirstLayerMapComposite):
+        return None
+    first_hooks = [hook for _, hook in composite.first_map]
+    ctx: dict = {}
+    for name, child in module.named_modules():
+        hook = composite.module_map(ctx, name, child)
+        if any(hook is first for first in first_hooks):
+            return name
+    return None
+
+
+def _out_of_place(module: nn.Module) -> None:
+    for child in module.modules():
+        if hasattr(child, "inplace"):
+            setattr(child, "inplace", False)  # noqa: B010 (the attribute is not declared on nn.Module)
+
+
+class RelevancePropagator(nn.Module):
+    """``propagator(inputs, relevance) -> (output, input relevance)`` through a private copy of ``module``.
+
+    inputs: what ``module`` takes (here the normalised images, (B, 3, H, W)); relevance: the relevance at
+    its output, shaped like the output (here (B, C, h, w)). The input relevance has the shape of
+    ``inputs``. The copy stays in eval mode and never requires gradients.
+    """
+
+    low: torch.Tensor
+    high: torch.Tensor
+
+    def __init__(
+        self, module: nn.Module, composite: str, canonizer: str, low: torch.Tensor, high: torch.Tensor
+    ) -> None:
+        super().__init__()
+        make_composite(composite, canonizer, low, high)  # fail at construction on unknown names
+        self.composite_name, self.canonizer_name = composite, canonizer
+        self.module = copy.deepcopy(module)
+        _out_of_place(self.module)
+        self.module.requires_grad_(False)
+        self.register_buffer("low", low.detach().clone(), persistent=False)
+        self.register_buffer("high", high.detach().clone(), persistent=False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> RelevancePropagator:
+        return super().train(False)
+
+    def composite(self) -> Composite:
+        """A fresh composite (zennit composites are registered to one module at a time)."""
+        return make_composite(self.composite_name, self.canonizer_name, self.low, self.high)
+
+    def first_layer(self) -> str | None:
+        """Name of the module in ``self.module`` that gets the first-layer rule (see :func:`first_layer`)."""
+        return first_layer(self.composite(), self.module)
+
+    def forward(self, inputs: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            output, input_relevance = Gradient(self.module, self.composite())(
+                inputs.detach().requires_grad_(True), relevance.detach()
+            )
+        return output.detach(), input_relevance.detach()

@@ -1,0 +1,137 @@
+"""Relevance-IBA (Chen et al.): the bottleneck's information, propagated to the pixels with LRP.
+
+A bottleneck attributor (Per-Sample or Readout) says how many bits pass each element (c, y, x) of the
+feature map at its layer. IBA upsamples that map to the image; Relevance-IBA instead injects it as the
+relevance at the bottleneck layer and propagates it through the layers before the bottleneck to the
+input, layer by layer (:mod:`readout.lrp`), on the clean image: no noise below the bottleneck.
+
+The heatmap is the input relevance summed over colour channels, (B, H, W), in bits per pixel and
+signed (rules such as alpha-beta give negative relevance). When the rules conserve relevance, each map
+sums to the relevance injected; ``conservation`` reports the ratio.
+
+Injections (``INJECTIONS``), (B, C, h, w) bits:
+
+- ``information``: the per-element information (KL in bits), as in the paper.
+- ``lambda-activation``: λ·R, the signal that passes, rescaled per image to the image's total bits so
+  that the map stays in bits per pixel.
+
+``mask_dead`` zeroes the injection on units that a ReLU zeroes (R ≤ 0): at a tap after a ReLU those
+are the units with R = 0, which carry information (their KL is not zero when μ > 0) but no signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from readout.attributor import BottleneckAttributor, Explanation
+from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
+
+Injection = Literal["information", "lambda-activation"]
+
+
+def inject_information(explanation: Explanation) -> torch.Tensor:
+    """(B, C, h, w) bits: the information per element."""
+    return explanation.information
+
+
+def inject_lambda_activation(explanation: Explanation) -> torch.Tensor:
+    """(B, C, h, w): λ·R, rescaled so that each image's injection sums to its total bits."""
+    signal = explanation.lam * explanation.features
+    total = signal.sum(dim=(1, 2, 3), keepdim=True)
+    bits = explanation.total_bits.view(-1, 1, 1, 1)
+    return signal * torch.where(total != 0, bits / total, torch.zeros_like(total))
+
+
+INJECTIONS: dict[str, Callable[[Explanation], torch.Tensor]] = {
+    "information": inject_information,
+    "lambda-activation": inject_lambda_activation,
+}
+
+
+@dataclass
+class RelevanceExplanation:
+    """One batch of Relevance-IBA attributions. Shapes: B images, bottleneck (C, h, w), input (H, W)."""
+
+    heatmap: torch.Tensor
+    """(B, H, W), signed bits per pixel: the input relevance summed over colour channels."""
+    relevance: torch.Tensor
+    """(B, 3, H, W), input relevance per colour channel."""
+    injected: torch.Tensor
+    """(B, C, h, w), the relevance injected at the bottleneck, bits."""
+    conservation: torch.Tensor
+    """(B,), total input relevance / total injected relevance (1 when the rules conserve it)."""
+    base: Explanation
+    """The bottleneck attributor's explanation (its ``heatmap`` is the upsampled IBA map)."""
+
+
+class RelevanceIBA(nn.Module):
+    """``RelevanceIBA(base)(images, target=None) -> (B, H, W)`` signed bits per pixel.
+
+    base: a bottleneck attributor (its ``classifier``, ``layer`` and ``explain`` are used).
+    composite: a name in :data:`readout.lrp.COMPOSITES`, None for the classifier's default
+    (:data:`readout.lrp.DEFAULTS`); canonizer likewise, a name in :data:`readout.lrp.CANONIZERS`.
+    The layers before the bottleneck are copied once here: later changes to the classifier's weights
+    are not seen.
+    """
+
+    def __init__(
+        self,
+        base: BottleneckAttributor,
+        composite: str | None = None,
+        injection: Injection = "information",
+        mask_dead: bool = False,
+        canonizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        if injection not in INJECTIONS:
+            raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
+        classifier = base.classifier
+        if composite is None or canonizer is None:
+            defaults = lrp_defaults(classifier.name)
+            composite = composite or defaults.composite
+            canonizer = canonizer or defaults.canonizer
+        self.base = base
+        self.injection = injection
+        self.mask_dead = mask_dead
+        low, high = input_bounds(classifier.mean, classifier.std)
+        self.propagator = RelevancePropagator(classifier.prefix(base.layer), composite, canonizer, low, high)
+
+    def inject(self, explanation: Explanation) -> torch.Tensor:
+        """(B, C, h, w) bits: the relevance put at the bottleneck for ``explanation``."""
+        injected = INJECTIONS[self.injection](explanation)
+        if self.mask_dead:
+            injected = injected * (explanation.features > 0)
+        return injected
+
+    def propagate(self, images: torch.Tensor, injected: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], injected (B, C, h, w) -> input relevance (B, 3, H, W)."""
+        _, relevance = self.propagator(self.base.classifier.normalize(images), injected)
+        return relevance
+
+    def explain(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> RelevanceExplanation:
+        base = self.base.explain(images, target)
+        injected = self.inject(base)
+        relevance = self.propagate(images, injected)
+        total = injected.sum(dim=(1, 2, 3))
+        return RelevanceExplanation(
+            heatmap=relevance.sum(dim=1),
+            relevance=relevance,
+            injected=injected,
+            conservation=relevance.sum(dim=(1, 2, 3)) / total,
+            base=base,
+        )
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> torch.Tensor:
+        return self.explain(images, target).heatmap
+
+
+def relevance_attributor(base: BottleneckAttributor, **options: Any) -> RelevanceIBA:
+    """Relevance-IBA on top of ``base``. Options (all optional): ``composite`` (a name in
+    :data:`readout.lrp.COMPOSITES`), ``canonizer`` (in :data:`readout.lrp.CANONIZERS`), ``injection``
+    (``information`` or ``lambda-activation``), ``mask_dead`` (bool)."""
+    return RelevanceIBA(base, **options)

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from torch import nn
+
+from readout.backbones import Classifier, load_classifier
+from readout.lrp import COMPOSITES, RelevancePropagator, input_bounds, make_composite
+from readout.taps import FeatureTaps, hook_count
+
+
+def randomised_classifier(seed: int = 0) -> Classifier:
+    """A random synthetic-cnn whose batch norms are not the identity, so that merging them matters."""
+    torch.manual_seed(seed)
+    classifier = load_classifier("synthetic-cnn", weights=None)
+    for module in classifier.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    return classifier
+
+
+def propagator_for(classifier: Classifier, layer: str = "block1", **names: str) -> RelevancePropagator:
+    low, high = input_bounds(classifier.mean, classifier.std)
+    options = {"composite": "EpsilonPlusFlat", "canonizer": "resnet"} | names
+    return RelevancePropagator(classifier.prefix(layer), low=low, high=high, **options)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> Classifier:
+    return randomised_classifier()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_output_equals_the_tap_in_the_full_model(classifier, images):
+    propagator = propagator_for(classifier)
+    features = torch.rand(2, 32, 32, 32)
+    with FeatureTaps(classifier, ["block1"]) as taps:
+        classifier(images)
+    output, _ = propagator(classifier.normalize(images), features)
+    # The batch-norm merge reorders float operations: equal up to rounding.
+    torch.testing.assert_close(output, taps.features["block1"], rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_is_unchanged_after_a_pass(classifier, images):
+    before = {name: value.clone() for name, value in classifier.state_dict().items()}
+    logits = classifier(images)
+    inplace = [m.inplace for m in classifier.modules() if isinstance(m, nn.ReLU)]
+    propagator = propagator_for(classifier)
+    propagator(classifier.normalize(images), torch.rand(2, 32, 32, 32))
+    assert hook_count(classifier) == 0 and hook_count(propagator) == 0
+    assert [m.inplace for m in classifier.modules() if isinstance(m, nn.ReLU)] == inplace
+    assert any(inplace), "the torchvision blocks' in-place ReLUs should still be in place"
+    for name, value in classifier.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert torch.equal(classifier(images), logits)
+    assert not any(p.requires_grad for p in classifier.parameters())
+
+
+def test_conserves_relevance_with_the_resnet_canonizer(classifier, images):
+    relevance = torch.rand(2, 32, 32, 32)
+    _, input_relevance = propagator_for(classifier)(classifier.normalize(images), relevance)
+    ratio = input_relevance.sum((1, 2, 3)) / relevance.sum((1, 2, 3))
+    torch.testing.assert_close(ratio, torch.ones(2), rtol=0, atol=1e-3)
+
+
+def test_without_the_canonizer_the_residual_sum_breaks_conservation(classifier, images):
+    # Negative control: the gradient of `out + identity` gives the full relevance to both branches.
+    relevance = torch.rand(2, 32, 32, 32)
+    _, input_relevance = propagator_for(classifier, canonizer="none")(classifier.normalize(images), relevance)
+    ratio = input_relevance.sum((1, 2, 3)) / relevance.sum((1, 2, 3))
+    assert ((ratio - 1).abs() > 0.1).all(), ratio
+
+
+def test_first_layer_rule_goes_to_the_stem_convolution(classifier):
+    propagator = propagator_for(classifier)
+    name = propagator.first_layer()
+    assert name is not None and propagator.module.get_submodule(name) is propagator.module[0]
+    assert isinstance(propagator.module[0], nn.Conv2d)
+    assert propagator_for(classifier, composite="EpsilonAlpha2Beta1").first_layer() is None
+
+
+def test_relevance_in_a_box_lands_in_its_input_region(classifier, images):
+    # block1 has stride 2; a unit at row y sees input rows 2y - 5 .. 2y + 5 (stem 3x3/2, two 3x3 convs).
+    relevance = torch.zeros(2, 32, 32, 32)
+    relevance[:, :, 8:14, 18:26] = torch.rand(2, 32, 6, 8)
+    _, input_relevance = propagator_for(classifier)(classifier.normalize(images), relevance)
+    positive = input_relevance.sum(1).clamp(min=0)
+    field = torch.zeros(64, 64, dtype=torch.bool)
+    field[2 * 8 - 5 : 2 * 13 + 6, 2 * 18 - 5 : 2 * 25 + 6] = True
+    share = (positive * field).sum((1, 2)) / positive.sum((1, 2))
+    assert (share > 0.99).all(), share
+    box = torch.zeros(64, 64, dtype=torch.bool)
+    box[16:28, 36:52] = True
+    share_box = (positive * box).sum((1, 2)) / positive.sum((1, 2))
+    assert (share_box > 0.5).all(), share_box
+
+
+def test_rules_ignore_biases_the_slow_obvious_way():
+    # One linear layer under the Epsilon rule: R_i = Σ_j x_i w_ji R_j / (z_j + ε sign z_j), z_j = Σ_i x_i w_ji
+    # (the bias left out), ε = 1e-6.
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 3)
+    layer.bias.data.fill_(2.0)
+    x, relevance = torch.randn(4, 5), torch.rand(4, 3)
+    propagator = RelevancePropagator(
+        nn.Sequential(layer), "EpsilonPlus", "none", torch.zeros(1, 5), torch.ones(1, 5)
+    )
+    _, got = propagator(x, relevance)
+    contributions = x[:, None, :] * layer.weight[None]  # (B, out, in)
+    z = contributions.sum(2, keepdim=True)
+    z = z + 1e-6 * torch.where(z >= 0, 1.0, -1.0)
+    expected = (contributions / z * relevance[..., None]).sum(1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_names_list_the_registered_ones():
+    with pytest.raises(KeyError, match="EpsilonPlusFlat"):
+        make_composite("EpsilonPlusFlatt", "resnet", torch.zeros(1), torch.ones(1))
+    with pytest.raises(KeyError, match="resnet"):
+        make_composite("EpsilonPlusFlat", "resnett", torch.zeros(1), torch.ones(1))
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_every_composite_runs_and_keeps_the_total_close(classifier, images, name):
+    relevance = torch.rand(1, 32, 32, 32)
+    _, input_relevance = propagator_for(classifier, composite=name)(
+        classifier.normalize(images[:1]), relevance
+    )
+    assert input_relevance.shape == (1, 3, 64, 64) and torch.isfinite(input_relevance).all()
+    ratio = (input_relevance.sum() / relevance.sum()).item()
+    assert 0.8 < ratio < 1.2, ratio
