@@ -35,7 +35,7 @@ from readout.plotting import save_heatmap_png
 DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
 
 
-def estimate_batches(args: argparse.Namespace, size: int) -> Iterator[torch.Tensor]:
+def estimate_batches(args: argparse.Namespace, architecture: str, size: int) -> Iterator[torch.Tensor]:
     """Images for μ/σ: from ``--estimate-shards``, or the synthetic set for the synthetic classifier."""
     if args.estimate_shards:
         from readout.data.shards import make_loader
@@ -44,7 +44,7 @@ def estimate_batches(args: argparse.Namespace, size: int) -> Iterator[torch.Tens
         for batch in loader:
             yield batch["image"]
         return
-    if args.classifier != "synthetic-cnn":
+    if architecture != "synthetic-cnn":
         raise SystemExit(
             f"error: the per-sample bottleneck needs μ/σ over data for {args.classifier!r}: "
             f"pass --estimate-shards with shards of its training data (e.g. ImageNet train shards)"
@@ -66,9 +66,9 @@ def with_cached_statistics(attributor: BottleneckAttributor, args: argparse.Name
     if path.is_file():
         attributor.statistics.load_state_dict(load_file(str(path)))
         return
-    attributor.estimate(
-        estimate_batches(args, attributor.classifier.input_size), max_samples=args.estimate_samples
-    )
+    classifier = attributor.classifier
+    batches = estimate_batches(args, classifier.name, classifier.input_size)
+    attributor.estimate(batches, max_samples=args.estimate_samples)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in attributor.statistics.state_dict().items()}, str(path))
 

@@ -1,0 +1,89 @@
+import json
+
+import fsspec
+import pytest
+import torch
+
+from readout.backbones import load_classifier
+from readout.export import CONFIG_FILE, WEIGHTS_FILE, export_bundle, load
+from readout.readout_bottleneck import ReadoutBottleneck
+from readout.taps import hook_count
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    attributor = ReadoutBottleneck(load_classifier("synthetic-cnn", weights=None), sigma=0.5)
+    attributor.estimate([torch.rand(16, 3, 64, 64)], progress=False)
+    with torch.no_grad():
+        for parameter in attributor.net.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return attributor
+
+
+def export(attributor, out):
+    return export_bundle(attributor, str(out), {"name": "synthetic-cnn", "weights": None}, beta=1.0)
+
+
+def test_export_then_load_gives_identical_heatmaps(trained, tmp_path):
+    export(trained, tmp_path / "bundle")
+    loaded = load(tmp_path / "bundle", classifier=trained.classifier)
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images), trained(images), rtol=0, atol=0)
+    assert loaded.bottleneck.sigma == 0.5 and loaded.taps == trained.taps
+    assert hook_count(trained.classifier) == 0
+
+
+def test_bundle_holds_no_pickle_and_no_classifier_weights(trained, tmp_path):
+    export(trained, tmp_path / "bundle")
+    config = json.loads((tmp_path / "bundle" / CONFIG_FILE).read_text())
+    assert config["format"] == "readout-bundle/1" and config["layer"] == "block1"
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "bundle" / WEIGHTS_FILE)).keys()
+    assert not any(k.startswith("classifier.") for k in keys) and any(k.startswith("net.") for k in keys)
+
+
+def test_load_through_fsspec_memory_filesystem(trained):
+    url = "memory://bundles/one"
+    export(trained, url)
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/bundles/one/" + WEIGHTS_FILE)
+    loaded = load(url, classifier=trained.classifier)
+    images = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(images), trained(images))
+
+
+def test_bundle_for_another_classifier_is_refused(trained, tmp_path):
+    export(trained, tmp_path / "bundle")
+    torch.manual_seed(1)
+    other = load_classifier("synthetic-cnn", weights=None)
+    with pytest.raises(ValueError, match="trained on classifier 'synthetic-cnn' with fingerprint"):
+        load(tmp_path / "bundle", classifier=other)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a complete readout bundle"):
+        load(tmp_path / "nowhere")
+    bundle = tmp_path / "bundle"
+    export(trained, bundle)
+    weights = bundle / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt"):
+        load(bundle, classifier=trained.classifier)
+    (bundle / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load(bundle, classifier=trained.classifier)
+
+
+def test_load_imports_no_lightning(trained, tmp_path):
+    import subprocess
+    import sys
+
+    export(trained, tmp_path / "bundle")
+    code = (
+        "import sys, readout; from readout.export import load; "
+        "assert not any(m.startswith(('pytorch_lightning', 'lightning')) for m in sys.modules), "
+        "'lightning imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from readout.backbones import load_classifier
+from readout.bottleneck import FeatureStatistics
+from readout.readout_bottleneck import ReadoutBottleneck
+from readout.readout_net import ReadoutNet, stack_readout_features
+
+
+@pytest.fixture(scope="module")
+def readout():
+    torch.manual_seed(0)
+    attributor = ReadoutBottleneck(load_classifier("synthetic-cnn", weights=None))
+    attributor.estimate([torch.rand(16, 3, 64, 64) for _ in range(2)], progress=False)
+    return attributor
+
+
+def test_readout_net_widths_follow_the_papers_code():
+    net = ReadoutNet(in_channels=40, out_channels=8)
+    convs = [m for m in net.layers if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(40, 20), (20, 16), (16, 8)]
+
+
+def test_readout_starts_at_alpha_five(readout):
+    _, _, features = readout.first_pass(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(readout.alpha(features), torch.full((2, *readout.shape), 5.0))
+
+
+def test_stacked_features_are_normalised_upsampled_and_broadcast():
+    maps, logits = torch.randn(2, 3, 4, 4) * 2 + 1, torch.randn(2, 5)
+    stats = [FeatureStatistics((3, 4, 4)), FeatureStatistics((5,))]
+    stats[0].update(maps)
+    stats[1].update(logits)
+    stacked = stack_readout_features([maps, logits], stats, (8, 8))
+    assert stacked.shape == (2, 8, 8, 8)
+    normalised_logits = (logits - stats[1].mean) / stats[1].std
+    torch.testing.assert_close(stacked[:, 3:, 5, 2], normalised_logits)
+    upsampled = torch.nn.functional.interpolate(
+        (maps - stats[0].mean) / stats[0].std, size=(8, 8), mode="bilinear"
+    )
+    torch.testing.assert_close(stacked[:, :3], upsampled)
+
+
+def test_heatmap_is_one_forward_pass_and_matches_explain(readout):
+    images = torch.rand(3, 3, 64, 64)
+    calls = []
+    handle = readout.classifier.stages[0].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        heatmap = readout(images)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    explanation = readout.explain(images)
+    torch.testing.assert_close(heatmap, explanation.heatmap)
+    torch.testing.assert_close(heatmap.sum((1, 2)), explanation.total_bits)
+
+
+def test_statistics_of_every_tap_are_estimated_and_saved(readout):
+    assert all(s.count.item() == 32 for s in readout.all_statistics())
+    keys = [k for k in readout.state_dict() if not k.startswith("classifier.")]
+    assert any(k.startswith("readout_statistics.3.") for k in keys)  # fc logits
+    assert readout.tap_statistics[-1].shape == (6,)
+
+
+def test_default_taps_come_from_the_registry():
+    resnet = ReadoutBottleneck(load_classifier("resnet50", weights=None))
+    assert resnet.layer == "conv2_3" and resnet.taps == ["conv2_3", "conv3_4", "conv4_6", "conv5_3", "fc"]
+    assert resnet.net.layers[0].in_channels == 256 + 512 + 1024 + 2048 + 1000
+
+
+def test_unknown_tap_is_a_clear_error():
+    with pytest.raises(KeyError, match="conv9_9.*valid layers"):
+        ReadoutBottleneck(load_classifier("synthetic-cnn", weights=None), taps=["block1", "conv9_9"])
