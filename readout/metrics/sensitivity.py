@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from readout.metrics.aggregate import ImageMeans
-from readout.metrics.chunks import logits_of, map_chunks, resolve_targets
+from readout.metrics.chunks import logits_of, map_chunks
 from readout.metrics.similarity import pearson
 from readout.metrics.tiles import (
     Baseline,
@@ -86,8 +86,9 @@ def sensitivity_n_correlations(
     ns = log_spaced_counts(total) if ns is None else torch.as_tensor(ns, dtype=torch.long)
     masks = random_tile_masks(ns, total, num_masks, seed).to(images.device)
     sets = masks.view(-1, total)  # (N * M, T)
-    targets = resolve_targets(model, images, targets, chunk_size)
-    original = logits_of(model, images, chunk_size).gather(1, targets[:, None])[:, 0]
+    logits = logits_of(model, images, chunk_size)
+    targets = logits.argmax(dim=1) if targets is None else targets.to(images.device, torch.long)
+    original = logits.gather(1, targets[:, None])[:, 0]
     replacement = torch.broadcast_to(baseline_images(images, baseline), images.shape)
     pixel_tile = tile_index(height, width, tile, images.device)
 
