@@ -65,6 +65,7 @@ def degradation_curves(
     Returns ``(morf, lerf)``, each (B, T + 1), probabilities in [0, 1].
     """
     check_maps(images, attributions)
+    attributions = attributions.detach().to(images.device)
     batch, _, height, width = images.shape
     count = num_tiles(height, width, tile)
     targets = resolve_targets(model, images, targets, chunk_size)

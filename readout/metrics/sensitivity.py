@@ -81,6 +81,7 @@ def sensitivity_n_correlations(
     N * num_masks forward passes per image, ``chunk_size`` images each.
     """
     check_maps(images, attributions)
+    attributions = attributions.detach().to(images.device)
     batch, _, height, width = images.shape
     total = num_tiles(height, width, tile)
     ns = log_spaced_counts(total) if ns is None else torch.as_tensor(ns, dtype=torch.long)
