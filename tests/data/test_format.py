@@ -1,0 +1,44 @@
+"""The sample format: encode then decode gives the sample back; box rasterisation by pixel centres."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from readout.data.format import SampleError, box_mask, decode_sample, encode_png, encode_sample
+
+
+def test_encode_then_decode_gives_the_sample_back() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    mask = rng.random((12, 20)) > 0.5
+    raw = encode_sample("k-1", encode_png(image), "png", 4, "star", [(1, 2, 3.5, 4)], (20, 12), mask)
+    assert raw["cls"] == b"4"
+    sample = decode_sample(raw)
+    np.testing.assert_array_equal(sample.image, image)
+    np.testing.assert_array_equal(sample.mask, mask)
+    assert (sample.key, sample.label, sample.label_name, sample.boxes) == ("k-1", 4, "star", [(1, 2, 3.5, 4)])
+
+
+def test_keys_with_dots_are_refused_and_bad_cls_is_a_sample_error() -> None:
+    with pytest.raises(ValueError, match="key"):
+        encode_sample("a.b", b"", "png", 0, "x", [], (1, 1))
+    raw = encode_sample("k", encode_png(np.zeros((2, 2, 3), np.uint8)), "png", 0, "x", [], (2, 2))
+    raw["cls"] = b"seven"
+    with pytest.raises(SampleError) as error:
+        decode_sample(raw)
+    assert error.value.reason == "bad_cls"
+
+
+def test_box_mask_matches_a_pixel_by_pixel_reference() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 3.0], [4.4, 1.6, 7.5, 5.0], [9.0, 9.0, 9.0, 12.0]])
+    height, width = 8, 10
+    expected = torch.zeros(height, width, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes.tolist():
+        for r in range(height):
+            for c in range(width):
+                if x0 <= c + 0.5 < x1 and y0 <= r + 0.5 < y1:
+                    expected[r, c] = True
+    assert torch.equal(box_mask(boxes, height, width), expected)
+    assert not box_mask(torch.zeros(0, 4), 3, 3).any()
