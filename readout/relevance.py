@@ -114,7 +114,10 @@ class RelevanceIBA(nn.Module):
         return relevance
 
     def explain(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> RelevanceExplanation:
-        base = self.base.explain(images, target)
+        return self.explain_from(images, self.base.explain(images, target))
+
+    def explain_from(self, images: torch.Tensor, base: Explanation) -> RelevanceExplanation:
+        """Relevance-IBA from a base explanation of the same images computed already (no second fit)."""
         injected = self.inject(base)
         relevance = self.propagate(images, injected)
         total = injected.sum(dim=(1, 2, 3))

@@ -117,3 +117,10 @@ def test_batch_equals_images_one_by_one_exactly_in_float64(images):
     together = attributor(images)
     alone = torch.cat([attributor(images[i : i + 1]) for i in range(len(images))])
     torch.testing.assert_close(together, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_explain_from_a_computed_base_equals_explain(fixed, images):
+    attributor = RelevanceIBA(fixed, mask_dead=True)
+    direct = attributor.explain(images[:1])
+    reused = attributor.explain_from(images[:1], fixed.explain(images[:1]))
+    torch.testing.assert_close(reused.heatmap, direct.heatmap)

@@ -1,0 +1,422 @@
+"""``python -m readout.compare_relevance``: Relevance-IBA against the upsampled IBA maps it starts from.
+
+On held-out synthetic images (seed :data:`EVAL_SEED`, never used for training or for the bottleneck's
+statistics, which use :data:`STATS_SEED`), for each setting (classifier, bottleneck layer, image size):
+
+- the Per-Sample Bottleneck's map, upsampled to the image (IBA), with the paper's defaults;
+- Relevance-IBA from the same fit, with the ablations of :data:`VARIANTS` (composite, dead-unit
+  masking, injection);
+- with ``--readout DIR``: the Readout Bottleneck's map and Relevance-IBA from it, on the setting whose
+  classifier the bundle was trained on.
+
+Scores (:mod:`readout.metrics.localisation`), means over the images: box ratio, mask top-n share,
+positive mass inside the mask, boundary sharpness (mass just inside the contour / mass in both bands)
+and boundary share. Δ mask is the paired difference of the mask top-n share to the IBA map of the same
+fit (± its standard error). Writes ``results.md``, ``results.json`` and ``figure-<setting>.png``
+(image | upsampled IBA | Relevance-IBA) to ``--out``.
+
+Settings: ``64px-block1`` (the shipped classifier at its default layer, stride 2: the IBA map is
+upsampled 2x), ``64px-block3`` (stride 8: upsampled 8x, as the paper's conv3_4 at 224 px) and, given a
+224-px classifier (``--hires-classifier``, or ``--train-hires-seconds`` to train one here),
+``224px-block3``. Nothing is tuned on the held-out images: every option is fixed before they are seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from readout.attributor import BottleneckAttributor, Explanation  # noqa: E402
+from readout.backbones import Classifier, load_classifier, save_classifier  # noqa: E402
+from readout.data.synthetic import synthetic_batch  # noqa: E402
+from readout.metrics.localisation import LOCALISATION_SCORES, localisation_scores  # noqa: E402
+from readout.per_sample import PerSample  # noqa: E402
+from readout.plotting import overlay  # noqa: E402
+from readout.relevance import Injection, RelevanceIBA  # noqa: E402
+
+#: Held-out images; the bottleneck's statistics; training of the 224-px classifier (data seed 0 trains
+#: the shipped one, 777 is the explain CLI's statistics).
+EVAL_SEED, STATS_SEED, TRAIN_SEED = 4242, 4243, 4244
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One Relevance-IBA configuration (None composite: the classifier's default, EpsilonPlusFlat)."""
+
+    name: str
+    composite: str | None = None
+    injection: Injection = "information"
+    mask_dead: bool = False
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("EpsilonPlusFlat"),
+    Variant("EpsilonPlusFlat, mask_dead", mask_dead=True),
+    Variant("EpsilonPlusFlat, lambda-activation", injection="lambda-activation"),
+    Variant("EpsilonGammaBox", composite="EpsilonGammaBox"),
+    Variant("EpsilonAlpha2Beta1Flat", composite="EpsilonAlpha2Beta1Flat"),
+    Variant("EpsilonAlpha2Beta1", composite="EpsilonAlpha2Beta1"),
+)
+
+
+@dataclass
+class Setting:
+    name: str
+    classifier: Classifier
+    layer: str
+    size: int
+    note: str = ""
+
+
+@dataclass
+class Row:
+    """Per-image scores of one method in one setting, and what it cost."""
+
+    method: str
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    conservation: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, heatmap: torch.Tensor, batch: dict[str, Any], boundary_width: int) -> None:
+        values = localisation_scores(
+            heatmap.float(),
+            batch["box_mask"],
+            batch["mask"],
+            batch["has_mask"],
+            boundary_width=boundary_width,
+        )
+        for name in LOCALISATION_SCORES:
+            self.scores.setdefault(name, []).extend(values[name].tolist())
+
+
+def nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a − b over images where both are defined, and its standard error."""
+    diffs = [x - y for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
+    if len(diffs) < 2:
+        return float("nan"), float("nan")
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One setting
+
+
+def held_out(setting: Setting, n: int, batch_size: int) -> list[dict[str, Any]]:
+    return [
+        synthetic_batch(min(batch_size, n - start), setting.size, EVAL_SEED, start)
+        for start in range(0, n, batch_size)
+    ]
+
+
+def statistics_batches(size: int, n: int, batch_size: int = 64):
+    for start in range(0, n, batch_size):
+        yield synthetic_batch(min(batch_size, n - start), size, STATS_SEED, start)["image"]
+
+
+def evaluate_base(
+    base: BottleneckAttributor,
+    label: str,
+    batches: list[dict[str, Any]],
+    variants: tuple[Variant, ...],
+    boundary_width: int,
+) -> tuple[list[Row], list[tuple[Explanation, torch.Tensor]]]:
+    """Rows for the base's upsampled map and for Relevance-IBA from it, one fit per batch."""
+    rows = [Row(f"{label} (upsampled)")] + [Row(f"Relevance-{label}: {v.name}") for v in variants]
+    attributors = [
+        RelevanceIBA(base, composite=v.composite, injection=v.injection, mask_dead=v.mask_dead)
+        for v in variants
+    ]
+    kept = []
+    for batch in batches:
+        images = batch["image"]
+        start = time.perf_counter()
+        explanation = base.explain(images, batch["label"])
+        rows[0].seconds += time.perf_counter() - start
+        rows[0].add(explanation.heatmap, batch, boundary_width)
+        for row, attributor in zip(rows[1:], attributors, strict=True):
+            start = time.perf_counter()
+            relevance = attributor.explain_from(images, explanation)
+            row.seconds += time.perf_counter() - start
+            row.add(relevance.heatmap, batch, boundary_width)
+            row.conservation.extend(relevance.conservation.tolist())
+        kept.append((explanation, attributors[0].explain_from(images, explanation).heatmap))
+    return rows, kept
+
+
+def accuracy(classifier: Classifier, batches: list[dict[str, Any]]) -> float:
+    with torch.no_grad():
+        hits = sum(int((classifier(b["image"]).argmax(1) == b["label"]).sum()) for b in batches)
+    return hits / sum(len(b["label"]) for b in batches)
+
+
+def load_readout(path: str, classifier: Classifier) -> BottleneckAttributor | None:
+    from readout.export import load
+
+    try:
+        return load(path, classifier=classifier)
+    except ValueError as error:
+        print(f"note: readout bundle {path} does not fit this setting's classifier, skipped: {error}")
+        return None
+
+
+def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
+    batches = held_out(setting, args.n, args.batch_size)
+    width = max(1, round(2 * setting.size / 64))
+    base = PerSample(setting.classifier, layer=setting.layer, seed=0)
+    base.estimate(statistics_batches(setting.size, args.stats_samples), progress=False)
+    variants = tuple(v for v in VARIANTS if args.variants is None or v.name in args.variants)
+    rows, kept = evaluate_base(base, "IBA", batches, variants, width)
+    readout_rows: list[Row] = []
+    if args.readout and setting.name == "64px-block1":
+        readout = load_readout(args.readout, setting.classifier)
+        if readout is not None:
+            readout_rows, _ = evaluate_base(readout, "Readout", batches, variants[:1], width)
+    figure(setting, batches[0], kept[0], Path(args.out) / f"figure-{setting.name}.png", args.figure_images)
+    n_images = sum(len(b["label"]) for b in batches)
+    return {
+        "setting": setting.name,
+        "layer": setting.layer,
+        "size": setting.size,
+        "stride": setting.size // base.shape[1],
+        "note": setting.note,
+        "images": n_images,
+        "accuracy": accuracy(setting.classifier, batches),
+        "boundary_width": width,
+        "rows": [summary(row, rows[0], n_images) for row in rows]
+        + [summary(row, readout_rows[0], n_images) for row in readout_rows],
+    }
+
+
+def summary(row: Row, reference: Row, n_images: int) -> dict[str, Any]:
+    delta, error = paired_difference(row.scores["mask_ratio"], reference.scores["mask_ratio"])
+    return {
+        "method": row.method,
+        **{name: nanmean(row.scores[name]) for name in LOCALISATION_SCORES},
+        "delta_mask_ratio": delta,
+        "delta_mask_ratio_se": error,
+        "conservation": nanmean(row.conservation) if row.conservation else None,
+        "seconds_per_image": row.seconds / n_images,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+
+
+def clipped(heatmap: torch.Tensor, quantile: float = 0.995) -> torch.Tensor:
+    """The map clamped to ± its ``quantile`` of |values|: a few large pixels would wash out the colours."""
+    bound = heatmap.abs().flatten().float().quantile(quantile)
+    return heatmap.clamp(-bound, bound)
+
+
+def figure(
+    setting: Setting,
+    batch: dict[str, Any],
+    kept: tuple[Explanation, torch.Tensor],
+    path: Path,
+    count: int,
+) -> None:
+    """image | upsampled IBA | Relevance-IBA (first variant; signed: blue < 0 < red), ``count`` images."""
+    explanation, relevance = kept
+    count = min(count, len(relevance))
+    fig, axes = plt.subplots(count, 3, figsize=(6.6, 2.2 * count), squeeze=False)
+    for i in range(count):
+        image = batch["image"][i]
+        panels = [
+            (image, "image"),
+            (overlay(image, explanation.heatmap[i]), "IBA (upsampled)"),
+            (overlay(image, clipped(relevance[i]), symmetric=True), "Relevance-IBA (clipped)"),
+        ]
+        for ax, (picture, title) in zip(axes[i], panels, strict=True):
+            ax.imshow(picture.permute(1, 2, 0).numpy())
+            ax.contour(batch["mask"][i].float().numpy(), levels=[0.5], colors="lime", linewidths=0.6)
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{setting.name} (layer {setting.layer}); green: object mask", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+COLUMNS = [
+    ("box_ratio", "box ratio"),
+    ("mask_ratio", "mask top-n"),
+    ("mask_mass", "mass in mask"),
+    ("boundary_sharpness", "boundary sharpness"),
+    ("boundary_share", "boundary share"),
+]
+
+
+def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str:
+    lines = [
+        "# Relevance-IBA vs upsampled IBA on held-out synthetic images",
+        "",
+        f"Command: `{command}` ({seconds:.0f} s). Held-out seed {EVAL_SEED}, statistics seed {STATS_SEED}.",
+        "",
+    ]
+    for result in results:
+        lines += [
+            f"## {result['setting']}: layer {result['layer']} (stride {result['stride']}), "
+            f"{result['size']} px, {result['images']} images, classifier accuracy {result['accuracy']:.3f}",
+            "",
+        ]
+        if result["note"]:
+            lines += [result["note"], ""]
+        header = [
+            "method",
+            *(title for _, title in COLUMNS),
+            "Δ mask top-n (± s.e.)",
+            "conservation",
+            "s/img",
+        ]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in result["rows"]:
+            cells = [row["method"], *(f"{row[key]:.3f}" for key, _ in COLUMNS)]
+            delta = row["delta_mask_ratio"]
+            cells.append(
+                "" if row["conservation"] is None else f"{delta:+.3f} ± {row['delta_mask_ratio_se']:.3f}"
+            )
+            cells.append("" if row["conservation"] is None else f"{row['conservation']:.4f}")
+            cells.append(f"{row['seconds_per_image']:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifiers
+
+
+def train_classifier(size: int, seconds: float, batch_size: int = 32, lr: float = 2e-3) -> Classifier:
+    """A synthetic-cnn trained on fresh ``size``-px images (seed TRAIN_SEED) for about ``seconds``.
+
+    Adam at ``lr``, divided by 10 for the last quarter of the time; every step sees new images.
+    """
+    classifier = load_classifier("synthetic-cnn", weights=None)
+    classifier.input_size = size
+    stages = classifier.stages
+    stages.requires_grad_(True)
+    stages.train(True)
+    optimiser = torch.optim.Adam(stages.parameters(), lr=lr)
+    start, step = time.perf_counter(), 0
+    while (elapsed := time.perf_counter() - start) < seconds:
+        if elapsed > 0.75 * seconds:
+            for group in optimiser.param_groups:
+                group["lr"] = lr / 10
+        batch = synthetic_batch(batch_size, size, TRAIN_SEED, step * batch_size)
+        loss = F.cross_entropy(stages(classifier.normalize(batch["image"])), batch["label"])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        step += 1
+    print(f"trained a {size}-px synthetic-cnn: {step} steps of {batch_size} images in {elapsed:.0f} s")
+    classifier.requires_grad_(False)
+    classifier.eval()
+    return classifier
+
+
+def settings(args: argparse.Namespace) -> list[Setting]:
+    if args.random_init:
+        small = load_classifier("synthetic-cnn", weights=None)
+    else:
+        small = load_classifier(args.classifier)
+    chosen = [
+        Setting("64px-block1", small, "block1", small.input_size),
+        Setting("64px-block3", small, "block3", small.input_size),
+    ]
+    note = ""
+    if args.hires_classifier:
+        hires = load_classifier(args.hires_classifier)
+    elif args.train_hires_seconds > 0:
+        hires = train_classifier(224, args.train_hires_seconds)
+        note = f"Classifier trained in this run for {args.train_hires_seconds:.0f} s (seed {TRAIN_SEED})."
+        if args.save_hires:
+            save_classifier(hires, args.save_hires, {"data_seed": TRAIN_SEED, "size": 224})
+    else:
+        print(
+            "note: no 224-px classifier (--hires-classifier PATH or --train-hires-seconds S): 224px skipped"
+        )
+        return chosen
+    chosen.append(Setting("224px-block3", hires, "block3", hires.input_size, note))
+    return chosen
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m readout.compare_relevance", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--out", default="results/compare-relevance", help="output directory")
+    parser.add_argument("--n", type=int, default=64, help="held-out images per setting")
+    parser.add_argument("--batch-size", type=int, default=16, help="images fitted together")
+    parser.add_argument("--stats-samples", type=int, default=512, help="images for the bottleneck's μ, σ")
+    parser.add_argument("--classifier", default="synthetic-cnn", help="64-px classifier: name or saved path")
+    parser.add_argument("--random-init", action="store_true", help="random 64-px classifier (smoke tests)")
+    parser.add_argument("--hires-classifier", default=None, help="a saved synthetic-cnn trained at 224 px")
+    parser.add_argument("--train-hires-seconds", type=float, default=0.0, help="train a 224-px one for S s")
+    parser.add_argument("--save-hires", default=None, help="where to save the 224-px classifier trained here")
+    parser.add_argument("--readout", default=None, help="a readout bundle for the 64-px classifier")
+    parser.add_argument("--figure-images", type=int, default=4)
+    parser.add_argument("--only", nargs="*", default=None, help="setting names to run (default: all)")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        choices=[v.name for v in VARIANTS],
+        help="Relevance-IBA variants to run (default: all; the first one is also drawn)",
+    )
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.batch_size < 1:
+        parser.error("--n and --batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.readout is None:
+        print("note: no --readout bundle given: the Readout rows are skipped")
+    results = []
+    for setting in settings(args):
+        if args.only and setting.name not in args.only:
+            continue
+        print(f"{setting.name}: layer {setting.layer}, {setting.size} px, {args.n} images")
+        results.append(run_setting(setting, args))
+    seconds = time.perf_counter() - started
+    command = "python -m readout.compare_relevance " + " ".join(argv if argv is not None else _argv())
+    (out / "results.md").write_text(markdown(results, command.strip(), seconds))
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+    print(markdown(results, command.strip(), seconds))
+    return results
+
+
+def _argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+if __name__ == "__main__":
+    main()
