@@ -10,10 +10,11 @@ Batch format (a dict that ``default_collate`` could have built; everything downs
 - ``has_mask``: bool (B,), whether ``mask`` is real.
 - ``key``: list[str] of the B sample keys.
 
-Shards are named by a brace pattern (``data/train-{000000..000099}.tar``), a list of such, a directory
-(its ``manifest.json`` if it has one, else its ``*.tar``) or a manifest; local paths or any fsspec URL
-(``s3://``, ``gs://``, ``memory://``, ...), opened through fsspec, not webdataset's ``gopen``. An empty
-pattern or a missing shard is an error that names the pattern, raised when the dataset is built.
+Shards are named by a brace pattern (``data/train-{000000..000099}.tar``), a glob, a list of patterns,
+a directory (its ``manifest.json`` if it has one, else its ``*.tar``) or a manifest; local paths or
+any fsspec URL (``s3://``, ``gs://``, ``memory://``, ...), opened through fsspec, not webdataset's
+``gopen``. An empty pattern or a missing shard is an error that names the pattern, raised when the
+dataset is built.
 
 Modes (rank and world size are given, or read from ``torch.distributed`` when the dataset is built):
 
@@ -100,17 +101,24 @@ def _expand(spec: str | Sequence[str]) -> ShardList:
     if not isinstance(spec, str):
         urls = [url for item in spec for url in braceexpand.braceexpand(item)]
         return ShardList(repr(list(spec)), tuple(urls))
+    if not spec.strip():
+        return ShardList(spec, ())
     if spec.endswith(".json"):
         return _from_manifest(spec, spec)
     fs, path = fsspec.core.url_to_fs(spec)
+    if any(char in spec for char in "*?"):
+        return ShardList(spec, _with_protocol(fs, sorted(fs.glob(path))))
     if fs.isdir(path):
-        manifest = posixpath.join(spec.rstrip("/"), MANIFEST_NAME)
         if fs.exists(posixpath.join(path, MANIFEST_NAME)):
-            return _from_manifest(manifest, spec)
-        found = sorted(fs.glob(posixpath.join(path, "*.tar")))
-        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-        return ShardList(spec, tuple(found if local else [fs.unstrip_protocol(p) for p in found]))
+            return _from_manifest(posixpath.join(spec.rstrip("/"), MANIFEST_NAME), spec)
+        return ShardList(spec, _with_protocol(fs, sorted(fs.glob(posixpath.join(path, "*.tar")))))
     return ShardList(spec, tuple(braceexpand.braceexpand(spec)))
+
+
+def _with_protocol(fs: fsspec.AbstractFileSystem, paths: list[str]) -> tuple[str, ...]:
+    """Paths listed by ``fs`` as URLs that fsspec opens again (local paths stay plain)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return tuple(paths if "file" in protocols else [fs.unstrip_protocol(p) for p in paths])
 
 
 def _from_manifest(url: str, pattern: str) -> ShardList:

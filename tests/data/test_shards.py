@@ -131,6 +131,10 @@ def test_missing_shards_and_empty_patterns_are_errors_that_name_the_pattern(
         resolve_shards(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"no shards found for '\[\]'"):
         resolve_shards([])
+    with pytest.raises(ValueError, match="no shards found for ''"):
+        resolve_shards("")
+    with pytest.raises(ValueError, match="no shards found for .*nothing-"):
+        resolve_shards(str(tmp_path / "nothing-*.tar"))
     with pytest.raises(FileNotFoundError, match="memory://nowhere"):
         resolve_shards("memory://nowhere/shard-{0..1}.tar")
 
