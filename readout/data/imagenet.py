@@ -214,9 +214,21 @@ def fingerprint(files: list[SourceFile], options: ConvertOptions) -> str:
 # Converting
 
 
-def convert_file(file: SourceFile, options: ConvertOptions, boxes: list[Box] | None = None) -> dict[str, Any]:
-    """One source file -> tar members (see :mod:`readout.data.format`); raises SkippedFile if unreadable."""
-    data = Path(file.path).read_bytes()
+def convert_file(
+    file: SourceFile,
+    options: ConvertOptions,
+    boxes: list[Box] | None = None,
+    problems: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """One source file -> tar members (see :mod:`readout.data.format`); raises SkippedFile if unreadable.
+
+    boxes: in source pixels, else read from ``options.boxes``. A box file that cannot be parsed keeps
+    the image without boxes and is reported in ``problems``.
+    """
+    try:
+        data = Path(file.path).read_bytes()
+    except OSError as error:
+        raise SkippedFile(f"cannot read the file: {error}") from error
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
@@ -237,7 +249,12 @@ def convert_file(file: SourceFile, options: ConvertOptions, boxes: list[Box] | N
         image.save(buffer, format="JPEG", quality=options.quality)
         encoded = buffer.getvalue()
     if boxes is None:
-        boxes = _xml_boxes(file, options.boxes, original_size)
+        try:
+            boxes = _xml_boxes(file, options.boxes, original_size)
+        except (ElementTree.ParseError, ValueError) as error:
+            reason = f"unreadable box file, image kept without boxes: {error}"
+            (problems if problems is not None else []).append({"file": file.path, "reason": reason})
+            boxes = []
     scale_x, scale_y = image.size[0] / width, image.size[1] / height
     scaled = [(x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y) for x0, y0, x1, y1 in boxes]
     return encode_sample(file.key, encoded, "jpg", file.label, file.wnid, scaled, image.size)
@@ -295,7 +312,8 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     with wds.TarWriter(str(temporary), encoder=False, mtime=0) as writer:
         for file in job.files:
             try:
-                writer.write(convert_file(file, job.options, job.csv_boxes.get(Path(file.path).stem)))
+                boxes = job.csv_boxes.get(Path(file.path).stem)
+                writer.write(convert_file(file, job.options, boxes, problems=skipped))
             except SkippedFile as error:
                 skipped.append({"file": file.path, "reason": str(error)})
                 continue

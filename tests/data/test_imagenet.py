@@ -56,6 +56,7 @@ def ilsvrc(tmp_path: Path) -> Path:
     (odd / f"{WNIDS[1]}_png.JPEG").write_bytes(_encode(_rgb(3), "PNG"))
     (odd / f"{WNIDS[1]}_garbage.JPEG").write_bytes(b"\xff\xd8 this is not an image" * 10)
     _voc(root / "boxes" / WNIDS[0] / f"{WNIDS[0]}_0.xml", WNIDS[0], (40, 30), (4, 5, 13, 14))
+    (root / "boxes" / WNIDS[0] / f"{WNIDS[0]}_2.xml").write_text("<annotation><size>")
     val = root / "val"
     val.mkdir()
     rows = ["ImageId,PredictionString"]
@@ -85,8 +86,13 @@ def test_train_split_converts_odd_files_skips_garbage_and_writes_a_manifest(
     assert manifest.classes == WNIDS
     assert manifest.samples == 12 and len(manifest.shards) == 4  # 13 files in shards of at most 4
     assert manifest.per_class == {WNIDS[0]: 3, WNIDS[1]: 6, WNIDS[2]: 3}
-    assert [s["file"] for s in manifest.skipped] == [f"train/{WNIDS[1]}/{WNIDS[1]}_garbage.JPEG"]
-    assert "unreadable image" in manifest.skipped[0]["reason"]
+    skipped = {s["file"]: s["reason"] for s in manifest.skipped}
+    assert skipped.keys() == {
+        f"train/{WNIDS[1]}/{WNIDS[1]}_garbage.JPEG",
+        f"train/{WNIDS[0]}/{WNIDS[0]}_2.JPEG",
+    }
+    assert "unreadable image" in skipped[f"train/{WNIDS[1]}/{WNIDS[1]}_garbage.JPEG"]
+    assert "image kept without boxes" in skipped[f"train/{WNIDS[0]}/{WNIDS[0]}_2.JPEG"]
     assert Manifest.read(str(out / "manifest.json")).samples == 12
 
     samples = _read_all(out)
