@@ -36,11 +36,34 @@ from zennit.composites import (
     EpsilonPlusFlat,
     SpecialFirstLayerMapComposite,
 )
-from zennit.core import Composite
+from zennit.core import BasicHook, Composite, Stabilizer
+from zennit.layer import Sum
+from zennit.rules import NoMod
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 #: Parameters the rules treat as zero while redistributing relevance (never in the forward pass).
 ZERO_PARAMS = ["bias"]
+
+
+class SumPlus(BasicHook):
+    """Rule for the residual ``Sum`` of canonized blocks: R_i = x_i⁺ / Σ_k x_k⁺ · R (summands i, k).
+
+    zennit's default for ``Sum`` (``Norm``) splits by the signed summands, x_i / Σ_k x_k · R: where the
+    identity and the residual branch nearly cancel, it hands out large relevance of both signs (single
+    pixels then dominate the map). Splitting by the positive parts keeps every share in [0, 1]; it
+    loses the relevance of units whose summands are all ≤ 0, which are dead after the block's ReLU.
+    """
+
+    def __init__(self, stabilizer: float = 1e-6) -> None:
+        stabilizer_fn = Stabilizer.ensure(stabilizer)
+        super().__init__(
+            input_modifiers=[lambda input: input.clamp(min=0)],
+            param_modifiers=[NoMod(param_keys=[])],
+            output_modifiers=[lambda output: output],
+            gradient_mapper=lambda out_grad, outputs: out_grad / stabilizer_fn(outputs[0]),
+            reducer=lambda inputs, gradients: inputs[0] * gradients[0],
+        )
+
 
 #: A composite from the input bounds (low, high: (1, 3, 1, 1), normalised units) and the canonizers.
 CompositeFactory = Callable[[torch.Tensor, torch.Tensor, list[Canonizer]], Composite]
@@ -48,6 +71,9 @@ CompositeFactory = Callable[[torch.Tensor, torch.Tensor, list[Canonizer]], Compo
 COMPOSITES: dict[str, CompositeFactory] = {
     "EpsilonPlusFlat": lambda low, high, canonizers: EpsilonPlusFlat(
         zero_params=ZERO_PARAMS, canonizers=canonizers
+    ),
+    "EpsilonPlusFlatSumPlus": lambda low, high, canonizers: EpsilonPlusFlat(
+        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=[(Sum, SumPlus())]
     ),
     "EpsilonPlus": lambda low, high, canonizers: EpsilonPlus(zero_params=ZERO_PARAMS, canonizers=canonizers),
     "EpsilonGammaBox": lambda low, high, canonizers: EpsilonGammaBox(
@@ -60,7 +86,8 @@ COMPOSITES: dict[str, CompositeFactory] = {
         zero_params=ZERO_PARAMS, canonizers=canonizers
     ),
 }
-"""Composites by name (the config value); each rule ignores biases (``ZERO_PARAMS``)."""
+"""Composites by name (the config value); each rule ignores biases (``ZERO_PARAMS``). ``...SumPlus``:
+the residual sums get :class:`SumPlus` instead of zennit's ``Norm``."""
 
 CANONIZERS: dict[str, Callable[[], list[Canonizer]]] = {
     "resnet": lambda: [ResNetCanonizer()],

@@ -127,10 +127,37 @@ def test_unknown_names_list_the_registered_ones():
 
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
 def test_every_composite_runs_and_keeps_the_total_close(classifier, images, name):
-    relevance = torch.rand(1, 32, 32, 32)
+    # On live units only: SumPlus drops relevance put on units that are dead after the block's ReLU.
+    relevance = torch.rand(1, 32, 32, 32) * (
+        classifier.prefix("block1")(classifier.normalize(images[:1])) > 0
+    )
     _, input_relevance = propagator_for(classifier, composite=name)(
         classifier.normalize(images[:1]), relevance
     )
     assert input_relevance.shape == (1, 3, 64, 64) and torch.isfinite(input_relevance).all()
     ratio = (input_relevance.sum() / relevance.sum()).item()
     assert 0.8 < ratio < 1.2, ratio
+
+
+def test_sum_plus_splits_by_the_positive_parts_the_slow_obvious_way():
+    from zennit.layer import Sum
+
+    summands = torch.tensor([[[3.0, -2.0], [-1.0, 4.0], [2.0, 0.5], [-0.2, -0.3]]])  # (1, 4 units, 2)
+    relevance = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    propagator = RelevancePropagator(
+        nn.Sequential(nn.Identity(), Sum()), "EpsilonPlusFlatSumPlus", "none", torch.zeros(1), torch.ones(1)
+    )
+    _, got = propagator(summands, relevance)
+    positive = summands.clamp(min=0)
+    shares = positive / positive.sum(-1, keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(got, shares * relevance[..., None], rtol=1e-5, atol=1e-6)
+
+
+def test_sum_plus_has_no_spikes_and_conserves_on_live_units(classifier, images):
+    normalised = classifier.normalize(images)
+    features = classifier.prefix("block1")(normalised)
+    relevance = torch.rand_like(features) * (features > 0)
+    _, plus = propagator_for(classifier, composite="EpsilonPlusFlatSumPlus")(normalised, relevance)
+    ratio = plus.sum((1, 2, 3)) / relevance.sum((1, 2, 3))
+    torch.testing.assert_close(ratio, torch.ones(2), rtol=0, atol=1e-3)
+    assert (plus.sum(1) >= -1e-6).all(), "every rule of this composite keeps relevance non-negative"
