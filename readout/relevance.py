@@ -68,6 +68,24 @@ class RelevanceExplanation:
     base: Explanation
     """The bottleneck attributor's explanation (its ``heatmap`` is the upsampled IBA map)."""
 
+    # The base's fields, so that code written for an Explanation (reports, the explain CLI) reads this too.
+    @property
+    def target(self) -> torch.Tensor:
+        return self.base.target
+
+    @property
+    def probability(self) -> torch.Tensor:
+        return self.base.probability
+
+    @property
+    def probability_bottleneck(self) -> torch.Tensor:
+        return self.base.probability_bottleneck
+
+    @property
+    def total_bits(self) -> torch.Tensor:
+        """(B,), bits that pass the bottleneck (the injection's total, unless ``mask_dead`` removed some)."""
+        return self.base.total_bits
+
 
 class RelevanceIBA(nn.Module):
     """``RelevanceIBA(base)(images, target=None) -> (B, H, W)`` signed bits per pixel.

@@ -63,6 +63,8 @@ def test_per_sample_explanation_conserves_the_information(classifier, images):
     assert explanation.heatmap.shape == (2, 64, 64)
     assert explanation.relevance.shape == (2, 3, 64, 64)
     torch.testing.assert_close(explanation.injected, explanation.base.information)
+    assert torch.equal(explanation.target, explanation.base.target)
+    assert torch.equal(explanation.total_bits, explanation.base.total_bits)
     torch.testing.assert_close(explanation.conservation, torch.ones(2), rtol=0, atol=1e-3)
     torch.testing.assert_close(
         explanation.heatmap.sum((1, 2)), explanation.base.total_bits, rtol=1e-3, atol=1e-6
