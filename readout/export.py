@@ -114,6 +114,7 @@ def load(
         classifier = load_classifier(
             spec["name"], weights=spec.get("weights"), weights_path=spec.get("weights_path")
         )
+        classifier.input_size = spec["input_size"]
     found = classifier_fingerprint(classifier)
     if found != spec["fingerprint"]:
         raise ValueError(

@@ -48,6 +48,7 @@ class ReadoutModule(pl.LightningModule):
         classifier: registry name or path of the frozen classifier (resnet50, vgg16, synthetic-cnn).
         weights: torchvision weight entry for registry classifiers (null: random init, smoke tests only).
         weights_path: a local file with the classifier's weights, instead of the torch hub cache.
+        input_size: side of the training images (default: the classifier's, 224 for ImageNet models).
         layer: the bottleneck's layer (default: the registry's, conv2_3 for resnet50).
         taps: the readout's layers (default: the registry's).
         beta: β·k, the numerator of β = beta/k with k = h·w·c of the bottleneck.
@@ -67,6 +68,7 @@ class ReadoutModule(pl.LightningModule):
         classifier: str = "resnet50",
         weights: str | None = "IMAGENET1K_V1",
         weights_path: str | None = None,
+        input_size: int | None = None,
         layer: str | None = None,
         taps: list[str] | None = None,
         beta: float = 10.0,
@@ -87,6 +89,7 @@ class ReadoutModule(pl.LightningModule):
             raise ValueError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters()
         network = load_classifier(classifier, weights=weights, weights_path=weights_path)
+        network.input_size = input_size or network.input_size
         self.attributor = ReadoutBottleneck(network, layer, taps, sigma, min_std, active_threshold)
         self.fingerprint = classifier_fingerprint(network)
         classes = network.num_classes
