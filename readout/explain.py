@@ -2,6 +2,7 @@
 
     python -m readout.explain --method per-sample --classifier synthetic-cnn --images 'imgs/*.png' --out out/
     python -m readout.explain --method readout --checkpoint checkpoints/readout-demo --images a.jpg --out out/
+    python -m readout.explain --method relevance-per-sample --images a.jpg --out out/   (signed, pixel-sharp)
 
 For each image: ``<stem>.npy`` (float32 H×W, bits per pixel), ``<stem>.png`` (the image with the
 heatmap over it and a colour bar), and one ``summary.json`` for the run (target, probability
@@ -25,12 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from readout.attributor import BottleneckAttributor, Explanation
+from readout.attributor import BottleneckAttributor
 from readout.backbones import load_classifier
 from readout.export import classifier_fingerprint, load
 from readout.images import BadImage, expand_images, load_image
 from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
+from readout.relevance import RelevanceIBA
 
 DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
 
@@ -39,8 +41,10 @@ def estimate_batches(args: argparse.Namespace, architecture: str, size: int) -> 
     """Images for μ/σ: from ``--estimate-shards``, or the synthetic set for the synthetic classifier."""
     if args.estimate_shards:
         from readout.data.shards import make_loader
+        from readout.data.transforms import eval_transform
 
-        loader = make_loader(args.estimate_shards, mode="eval", batch_size=32, image_size=size, resize=size)
+        transform = eval_transform(resize=size, crop=size)
+        loader = make_loader(args.estimate_shards, "eval", batch_size=32, num_workers=2, transform=transform)
         for batch in loader:
             yield batch["image"]
         return
@@ -88,9 +92,23 @@ def readout(args: argparse.Namespace) -> BottleneckAttributor:
     return load(args.checkpoint)
 
 
+def relevance_per_sample(args: argparse.Namespace) -> RelevanceIBA:
+    return RelevanceIBA(per_sample(args), composite=args.composite)
+
+
+def relevance_readout(args: argparse.Namespace) -> RelevanceIBA:
+    return RelevanceIBA(readout(args), composite=args.composite)
+
+
 #: --method -> how to build the attributor from the arguments.
-METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {"per-sample": per_sample, "readout": readout}
-SIGNED_METHODS: set[str] = set()
+METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "per-sample": per_sample,
+    "readout": readout,
+    "relevance-per-sample": relevance_per_sample,
+    "relevance-readout": relevance_readout,
+}
+#: Methods whose maps are signed (LRP relevance): drawn with a symmetric colour map.
+SIGNED_METHODS = {"relevance-per-sample", "relevance-readout"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -115,6 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--estimate-shards", help="shards whose images give μ/σ (per-sample)")
     parser.add_argument("--estimate-samples", type=int, default=2000)
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where estimated μ/σ are kept")
+    parser.add_argument("--composite", help="zennit composite for relevance methods (default per classifier)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -133,11 +152,12 @@ def write_outputs(
     out: Path,
     stem: str,
     image: torch.Tensor,
-    explanation: Explanation,
+    explanation: Any,
     index: int,
     signed: bool,
     classes: list[str],
 ) -> dict[str, Any]:
+    """Writes ``<stem>.npy`` and ``<stem>.png`` for image ``index`` of an explanation; returns its record."""
     heatmap = explanation.heatmap[index].float().cpu()
     np.save(out / f"{stem}.npy", heatmap.numpy().astype(np.float32))
     target = int(explanation.target[index])
@@ -158,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files = expand_images(args.images)
     attributor = METHODS[args.method](args).to(args.device)
-    size = attributor.classifier.input_size
+    classifier = attributor.base.classifier if isinstance(attributor, RelevanceIBA) else attributor.classifier
+    size = classifier.input_size
     summary: dict[str, Any] = {"method": args.method, "images": {}, "failed": {}}
     stems = unique_stems(files)
     for start in tqdm(range(0, len(files), args.batch_size), desc="explaining", unit="batch"):
@@ -185,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 explanation,
                 i,
                 args.method in SIGNED_METHODS,
-                attributor.classifier.classes,
+                classifier.classes,
             )
             summary["images"][stem] = {"file": str(file), **record}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -94,3 +94,18 @@ def test_load_image_crops_the_centre_square(tmp_path):
     Image.fromarray(array).save(tmp_path / "wide.png")
     image = load_image(tmp_path / "wide.png", 20)
     assert image.shape == (3, 20, 20) and image.min() == 1.0
+
+
+def test_relevance_method_writes_signed_maps_with_conservation(classifier_path, tmp_path):
+    Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / "a.png"
+    )
+    out = tmp_path / "out"
+    args = ["--method", "relevance-per-sample", "--classifier", str(classifier_path), "--images",
+            str(tmp_path / "a.png"), "--steps", "1", "--copies", "1", "--estimate-samples", "32",
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((out / "summary.json").read_text())["images"]["a"]
+    assert record["conservation"] == pytest.approx(1.0, abs=1e-3)
+    heatmap = np.load(out / "a.npy")
+    assert heatmap.sum() == pytest.approx(record["total_bits"] * record["conservation"], rel=1e-3)
