@@ -164,13 +164,16 @@ def write_outputs(
     total = float(explanation.total_bits[index])
     title = f"{stem}: class {classes[target] if target < len(classes) else target}, {total:.1f} bits"
     save_heatmap_png(out / f"{stem}.png", image, heatmap, title, symmetric=signed)
-    return {
+    record = {
         "target": target,
         "label": classes[target] if target < len(classes) else str(target),
         "probability": float(explanation.probability[index]),
         "probability_bottleneck": float(explanation.probability_bottleneck[index]),
         "total_bits": total,
     }
+    if hasattr(explanation, "conservation"):  # relevance methods: input relevance / injected bits
+        record["conservation"] = float(explanation.conservation[index])
+    return record
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
