@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from readout.data.shards import ShardSpec, make_loader, resolve_shards
 from readout.data.transforms import eval_transform, train_transform
+
+
+class ResumedLoader(DataLoader):
+    """The train loader of a run resumed part-way into an epoch: its first iteration skips ``skip``
+    batches, so the run trains on the rest of the epoch an uninterrupted run would have seen."""
+
+    def __init__(self, loader: DataLoader, skip: int) -> None:
+        super().__init__(
+            loader.dataset,
+            batch_size=None,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+        )
+        self.skip = skip
+
+    def __iter__(self) -> _BaseDataLoaderIter:
+        iterator = super().__iter__()
+        skip, self.skip = self.skip, 0
+        for _ in range(skip):
+            next(iterator)
+        return iterator
 
 
 class ReadoutDataModule(pl.LightningDataModule):
@@ -63,7 +86,7 @@ class ReadoutDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(
+        loader = make_loader(
             self.train_shards,
             "train",
             self.batch_size,
@@ -74,6 +97,26 @@ class ReadoutDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             pin_memory=self.pin_memory,
         )
+        position = self.resume_position(len(loader))
+        if position is None:
+            return loader
+        epoch, done = position
+        # Lightning iterates the loader before on_train_epoch_start, where the epoch is set otherwise.
+        loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        return ResumedLoader(loader, done) if done else loader
+
+    def resume_position(self, batches_per_epoch: int) -> tuple[int, int] | None:
+        """(epoch, batches of it already trained on) of a run restored from a checkpoint, else None.
+
+        Lightning restores its loops before it asks for the train loader; a batch counts as done once
+        its optimiser step is (``processed``), which is where Lightning's own loop resumes.
+        """
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return None
+        epoch = trainer.current_epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
+        return (epoch + 1, 0) if done >= batches_per_epoch else (epoch, done)
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_shards is None else self._eval_loader(self.val_shards)

@@ -1,0 +1,237 @@
+"""readout.fit: the run directory, ``--ckpt_path last`` and an exact resume.
+
+``tiny_config`` and ``clean_env`` are shared with test_slurm.py and test_ddp.py: a run of a random-init
+synthetic-cnn on 64-px shards that takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import dict_to_namespace
+
+from readout.data.synthetic import write_shards
+from readout.fit import main as fit
+from readout.fit import move_run, resolve_checkpoint
+from readout.readout_bottleneck import ReadoutBottleneck
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(shards: Path, **trainer: object) -> dict:
+    """A readout.fit config for a few-second CPU run; its paths lie under runs/tiny, relative."""
+    return {
+        "seed_everything": 0,
+        "model": {
+            "classifier": "synthetic-cnn",
+            "weights": None,
+            "beta": 1.0,
+            "lr": 1e-3,
+            "estimate_samples": 8,
+            "heatmap_every_n_steps": 0,
+        },
+        "data": {
+            "train_shards": str(shards),
+            "batch_size": 4,
+            "num_workers": 0,
+            "image_size": 64,
+            "resize": 64,
+            "batches_per_epoch": 4,
+            "shuffle_buffer": 8,
+            "pin_memory": False,
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "log_every_n_steps": 1,
+            "enable_model_summary": False,
+            "enable_progress_bar": False,
+            "default_root_dir": "runs/tiny",
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs/tiny", "name": "csv", "version": ""},
+            },
+            "callbacks": [
+                {
+                    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": "runs/tiny/checkpoints",
+                        "save_last": True,
+                        "every_n_train_steps": 3,
+                    },
+                }
+            ],
+            **trainer,
+        },
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def clean_env() -> dict[str, str]:
+    """os.environ without SLURM's variables: tests that are not about SLURM may run inside a job."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+@pytest.fixture
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="module")
+def shards64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fit") / "shards"
+    write_shards(out, n=24, size=64, seed=0, shard_size=8)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# --ckpt_path last
+
+
+def touch(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_resolve_checkpoint_passes_paths_through_and_starts_fresh_without_checkpoints(tmp_path):
+    assert resolve_checkpoint(None, str(tmp_path)) is None
+    assert resolve_checkpoint("some/file.ckpt", str(tmp_path)) == "some/file.ckpt"
+    assert resolve_checkpoint("last", str(tmp_path)) is None
+    assert resolve_checkpoint("last", str(tmp_path / "missing")) is None
+
+
+def test_resolve_checkpoint_takes_the_newest_of_last_and_hpc(tmp_path):
+    last = touch(tmp_path / "checkpoints" / "last.ckpt", 2000)
+    touch(tmp_path / "checkpoints" / "epoch=0-step=3.ckpt", 3000)  # not a candidate: not last*
+    hpc = touch(tmp_path / "hpc_ckpt_1.ckpt", 1000)
+    assert resolve_checkpoint("last", str(tmp_path)) == str(last)
+    os.utime(hpc, (2500, 2500))
+    assert resolve_checkpoint("last", str(tmp_path)) == str(hpc)
+    newer_last = touch(tmp_path / "checkpoints" / "last-v1.ckpt", 2600)
+    assert resolve_checkpoint("last", str(tmp_path)) == str(newer_last)
+    hpc2 = touch(tmp_path / "hpc_ckpt_2.ckpt", 2600)  # a tie on a coarse clock: the signal's is newer
+    assert resolve_checkpoint("last", str(tmp_path)) == str(hpc2)
+
+
+def test_move_run_rebases_what_lies_under_the_old_run_directory():
+    config = dict_to_namespace(yaml.safe_load((REPO / "configs" / "resnet50.yaml").read_text()))
+    move_run(config, "/scratch/r50-7")
+    assert config.trainer.default_root_dir == "/scratch/r50-7"
+    assert config.trainer.logger.init_args.save_dir == "/scratch/r50-7"
+    assert config.trainer.callbacks[0].init_args.dirpath == "/scratch/r50-7/checkpoints"
+    assert config.export_dir == "/scratch/r50-7/export"
+
+    demo = dict_to_namespace(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
+    move_run(demo, "elsewhere")
+    assert demo.trainer.callbacks[0].init_args.dirpath == "elsewhere/checkpoints"
+    assert demo.export_dir == "checkpoints/readout-demo"  # not under runs/demo: stays
+
+
+# ------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def readout_weights(cli) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in cli.model.attributor.net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards64, tmp_path_factory):
+    """6 steps in one run (4 batches per epoch): the reference of the resume tests."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(root / "tiny.yaml", tiny_config(shards64))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        for key in [k for k in os.environ if k.startswith("SLURM_")]:
+            patch.delenv(key)
+        return fit(["--config", str(config), "--run_dir", str(root / "run")])
+
+
+@pytest.mark.parametrize(
+    "stop_at",
+    [3, pytest.param(4, marks=pytest.mark.slow, id="epoch-end")],
+    ids=lambda s: {3: "mid-epoch"}.get(s, str(s)),
+)
+def test_resume_gives_the_weights_of_an_uninterrupted_run(
+    stop_at, uninterrupted, shards64, tmp_path, monkeypatch, no_slurm
+):
+    """6 steps at once vs ``stop_at`` steps + the rest resumed from last.ckpt. Mid-epoch (step 3 of 4)
+    the resumed run must skip the batches done; at the epoch's end it must start the next epoch's data;
+    either way it goes on into the next epoch, so step, Adam's state, μ/σ and the data all count."""
+    monkeypatch.chdir(tmp_path)  # the config's relative paths must all move into --run_dir
+    config = tiny_config(shards64)
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = stop_at
+    config_path = str(write_config(tmp_path / "tiny.yaml", config))
+    estimates = []
+    estimate = ReadoutBottleneck.estimate
+
+    def counting_estimate(self, *args, **kwargs):
+        estimates.append(1)
+        return estimate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReadoutBottleneck, "estimate", counting_estimate)
+    run = ["--config", config_path, "--run_dir", str(tmp_path / "run")]
+    first = fit([*run, "--trainer.max_steps", str(stop_at)])
+    assert len(estimates) == 1
+    second = fit([*run, "--ckpt_path", "last"])
+    assert len(estimates) == 1, "the resumed run estimated μ/σ again instead of restoring them"
+    assert not (tmp_path / "runs").exists()
+
+    assert first.trainer.global_step == stop_at and second.trainer.global_step == 6
+    assert second.trainer.current_epoch == uninterrupted.trainer.current_epoch
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    assert all(s["step"] == 6 for s in checkpoint["optimizer_states"][0]["state"].values())
+    expected, got = readout_weights(uninterrupted), readout_weights(second)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    statistics = second.model.attributor.statistics
+    assert statistics.count.item() == 8
+    torch.testing.assert_close(statistics.total, uninterrupted.model.attributor.statistics.total)
+    assert (tmp_path / "run" / "export" / "readout.json").is_file()
+
+
+@pytest.mark.slow
+def test_resnet50_config_trains_on_224_px_on_cpu(tmp_path, monkeypatch, no_slurm):
+    """configs/resnet50.yaml at 224 px with random weights and fp32: 1 step of 1 image (~1 min)."""
+    write_shards(tmp_path / "shards", n=2, size=224, seed=0, shard_size=1)
+    monkeypatch.chdir(tmp_path)
+    cli = fit(resnet50_args(tmp_path / "shards", tmp_path / "run"))
+    assert cli.trainer.global_step == 1
+    assert (tmp_path / "run" / "export" / "readout.json").is_file()
+
+
+def resnet50_args(shards: Path, run_dir: Path, devices: int = 1) -> list[str]:
+    """configs/resnet50.yaml with random weights on ``shards``: one step of one image per process."""
+    return [
+        "--config", str(REPO / "configs" / "resnet50.yaml"),
+        "--model.weights", "null",
+        "--model.estimate_samples", str(devices),
+        "--model.heatmap_every_n_steps", "0",
+        "--data.train_shards", str(shards),
+        "--data.val_shards", str(shards),
+        "--data.batch_size", "1",
+        "--data.num_workers", "0",
+        "--data.batches_per_epoch", "1",
+        "--data.pin_memory", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", str(devices),
+        "--trainer.precision", "32-true",  # bf16 on a CPU without bf16 units: ~50x slower than fp32
+        "--trainer.max_steps", "1",
+        "--trainer.limit_val_batches", "0",
+        "--trainer.val_check_interval", "null",
+        "--trainer.enable_progress_bar", "false",
+        "--run_dir", str(run_dir),
+    ]  # fmt: skip
