@@ -1,0 +1,53 @@
+#!/bin/bash
+# Train a Readout Bottleneck on a SLURM cluster: `sbatch slurm/train_readout.sh [readout.fit arguments]`.
+#
+#   CONFIG=configs/resnet50.yaml RUN_DIR=runs/r50-a sbatch slurm/train_readout.sh --trainer.max_epochs 12
+#   sbatch --nodes=4 --time=48:00:00 slurm/train_readout.sh      # sbatch options beat the headers below
+#
+# Environment (all optional):
+#   CONFIG         the readout.fit config (default configs/resnet50.yaml)
+#   RUN_DIR        one directory for the run's logs, checkpoints and bundle (default runs/<config>-<job id>);
+#                  it stays the same across requeues, so a requeued job resumes from it
+#   GPUS_PER_NODE  processes (GPUs) per node (default SLURM_NTASKS_PER_NODE, set by --ntasks-per-node)
+#   PYTHON         the interpreter (default .venv/bin/python if there is one, else python)
+#
+# One process per GPU, started by srun, so Lightning uses its SLURMEnvironment: ranks from SLURM_PROCID,
+# the address of the first node, and auto-requeue. 90 s before the time limit SLURM sends SIGUSR1;
+# Lightning then saves <RUN_DIR>/hpc_ckpt_<n>.ckpt and calls `scontrol requeue $SLURM_JOB_ID`. The job
+# comes back with the same id, so the same RUN_DIR, and `--ckpt_path last` resumes from the newest of
+# hpc_ckpt_*.ckpt and last*.ckpt there (step, optimiser, μ/σ statistics, position in the data).
+#
+#SBATCH --job-name=readout
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gres=gpu:4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=SIGUSR1@90
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+CONFIG=${CONFIG:-configs/resnet50.yaml}
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
+NUM_NODES=${SLURM_NNODES:-1}
+RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)-${SLURM_JOB_ID:-local}}
+# srun does not inherit --cpus-per-task from sbatch since SLURM 22.05; the data loaders want them.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
+
+echo "$(date -Is) job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${NUM_NODES} node(s) x" \
+    "${GPUS_PER_NODE} process(es), ${CONFIG}, run directory ${RUN_DIR}"
+
+srun "$PYTHON" -m readout.fit \
+    --config "$CONFIG" \
+    --trainer.num_nodes "$NUM_NODES" \
+    --trainer.devices "$GPUS_PER_NODE" \
+    --run_dir "$RUN_DIR" \
+    --ckpt_path last \
+    "$@"

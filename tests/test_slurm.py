@@ -1,0 +1,127 @@
+"""slurm/train_readout.sh without a cluster: the batch script's own launch path on CPU, under SLURM's
+variables, with a fake ``srun`` (runs its arguments) and a fake ``scontrol`` (records the requeue).
+
+The requeue test plays what SLURM does near the time limit: SIGUSR1 to the task, Lightning saves
+``hpc_ckpt_1.ckpt`` and calls ``scontrol requeue``, SLURM sends SIGTERM, and the requeued job runs the
+same script again, which must resume from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from test_fit import REPO, clean_env, tiny_config, write_config
+
+from readout.data.synthetic import write_shards
+
+SCRIPT = REPO / "slurm" / "train_readout.sh"
+FAKE_SLURM = REPO / "tests" / "fake_slurm"
+JOB_ID = "4242"
+
+
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_headers_ask_for_one_task_per_gpu_the_requeue_signal_and_requeue():
+    headers = {}
+    for line in SCRIPT.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line.removeprefix("#SBATCH ").partition("=")
+            headers[key] = value
+    assert headers["--gres"] == f"gpu:{headers['--ntasks-per-node']}"
+    assert headers["--signal"] == "SIGUSR1@90"
+    assert "--requeue" in headers
+    assert headers["--open-mode"] == "append"  # a requeue would truncate the job's log otherwise
+
+
+def slurm_env(run_dir: Path, config: Path, requeue_log: Path) -> dict[str, str]:
+    """One task of job 4242 on one node, as srun would set it up."""
+    env = clean_env()
+    env.update(
+        SLURM_JOB_ID=JOB_ID,
+        SLURM_JOB_NAME="readout",  # 'bash' or 'interactive' would turn Lightning's SLURM mode off
+        SLURM_NNODES="1",
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+        SLURM_SUBMIT_DIR=str(REPO),
+        CONFIG=str(config),
+        RUN_DIR=str(run_dir),
+        PYTHON=sys.executable,
+        PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}",
+        PYTHONPATH=str(FAKE_SLURM),  # the Probe callback
+        FAKE_SCONTROL_LOG=str(requeue_log),
+    )
+    return env
+
+
+def start_job(env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, job: subprocess.Popen, log: Path, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return path.read_text()
+        assert job.poll() is None, f"the job ended before {path.name} appeared:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    job.kill()
+    raise AssertionError(f"no {path.name} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(tmp_path):
+    write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
+    run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
+    config = tiny_config(tmp_path / "shards", max_steps=5)
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "probe.Probe",
+            "init_args": {"steps_file": str(steps), "hold_at": 3, "marker": str(marker)},
+        }
+    )
+    requeue_log = tmp_path / "scontrol.log"
+    env = slurm_env(run_dir, write_config(tmp_path / "tiny.yaml", config), requeue_log)
+
+    first_log = tmp_path / "first.out"
+    job = start_job(env, first_log)
+    pid = int(wait_for(marker, job, first_log))  # held after step 3; last.ckpt is from step 2
+    os.kill(pid, signal.SIGUSR1)
+    assert wait_for(requeue_log, job, first_log) == f"requeue {JOB_ID}\n"
+    os.kill(pid, signal.SIGTERM)
+    assert job.wait(timeout=120) == 0, first_log.read_text()[-3000:]
+    first = first_log.read_text()
+    assert "estimating μ/σ" in first and not (run_dir / "export").exists()
+
+    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert hpc["global_step"] == 3
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+
+    second_log = tmp_path / "second.out"
+    job = start_job(env, second_log)
+    assert job.wait(timeout=240) == 0, second_log.read_text()[-3000:]
+    second = second_log.read_text()
+    assert f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in second
+    assert "estimating μ/σ" not in second, "the requeued run estimated μ/σ again"
+    assert [int(s) for s in steps.read_text().split()] == [0, 1, 2, 3, 4]
+
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # every 2 steps
+    assert last["global_step"] == 4
+    assert all(s["step"] == 4 for s in last["optimizer_states"][0]["state"].values())
+    for key, value in hpc["state_dict"].items():
+        if "statistics" in key:
+            assert torch.equal(last["state_dict"][key], value), key
+    assert (run_dir / "export" / "readout.json").is_file()
+    assert requeue_log.read_text() == f"requeue {JOB_ID}\n"  # the second run was not signalled
