@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 from readout.data.shards import ShardSpec, make_loader, resolve_shards
 from readout.data.transforms import eval_transform, train_transform
+
+
+def leave_signals_to_the_trainer(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers ignore SIGUSR1 and SIGTERM, the trainer handles them.
+
+    SLURM signals every process of a job step, and forked workers inherit Lightning's handlers: each
+    would save a checkpoint from its stale copy of the model (over the trainer's, under the same
+    name) and requeue the job again (SIGUSR1), or broadcast on a copy of the process group (SIGTERM).
+    Dying instead would abort the trainer's graceful stop; it shuts its workers down itself.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ResumedLoader(DataLoader):
@@ -21,6 +35,7 @@ class ResumedLoader(DataLoader):
             num_workers=loader.num_workers,
             pin_memory=loader.pin_memory,
             persistent_workers=loader.persistent_workers,
+            worker_init_fn=loader.worker_init_fn,
         )
         self.skip = skip
 
@@ -75,7 +90,7 @@ class ReadoutDataModule(pl.LightningDataModule):
         self.shuffle_buffer, self.seed, self.pin_memory = shuffle_buffer, seed, pin_memory
 
     def _eval_loader(self, shards: ShardSpec) -> DataLoader:
-        return make_loader(
+        loader = make_loader(
             shards,
             "eval",
             self.batch_size,
@@ -84,6 +99,8 @@ class ReadoutDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=False,
         )
+        loader.worker_init_fn = leave_signals_to_the_trainer
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         loader = make_loader(
@@ -97,6 +114,7 @@ class ReadoutDataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             pin_memory=self.pin_memory,
         )
+        loader.worker_init_fn = leave_signals_to_the_trainer
         position = self.resume_position(len(loader))
         if position is None:
             return loader

@@ -81,11 +81,27 @@ def wait_for(path: Path, job: subprocess.Popen, log: Path, timeout: float = 240)
     raise AssertionError(f"no {path.name} after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+def step_processes(pid: int) -> list[int]:
+    """``pid`` and its descendants (data loader workers): what SLURM signals, unlike the batch shell."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found = [pid]
+    for process in found:
+        found += [child for child, parent in parents.items() if parent == process]
+    return found
+
+
 def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(tmp_path):
     write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
     run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
     config = tiny_config(tmp_path / "shards", max_steps=5)
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+    config["data"]["num_workers"] = 1  # a worker process gets SLURM's signal too
     config["trainer"]["callbacks"].append(
         {
             "class_path": "probe.Probe",
@@ -98,9 +114,13 @@ def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(
     first_log = tmp_path / "first.out"
     job = start_job(env, first_log)
     pid = int(wait_for(marker, job, first_log))  # held after step 3; last.ckpt is from step 2
-    os.kill(pid, signal.SIGUSR1)
+    processes = step_processes(pid)
+    assert len(processes) > 1, "no data loader worker to signal"
+    for process in processes:
+        os.kill(process, signal.SIGUSR1)
     assert wait_for(requeue_log, job, first_log) == f"requeue {JOB_ID}\n"
-    os.kill(pid, signal.SIGTERM)
+    for process in step_processes(pid):
+        os.kill(process, signal.SIGTERM)
     assert job.wait(timeout=120) == 0, first_log.read_text()[-3000:]
     first = first_log.read_text()
     assert "estimating μ/σ" in first and not (run_dir / "export").exists()
