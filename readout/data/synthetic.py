@@ -236,7 +236,8 @@ def write_shards(
     """Writes samples ``start .. start + n - 1`` of ``seed`` to ``out/synthetic-%06d.tar`` + manifest.json.
 
     Images are stored as PNG: lossless, so the shards give exactly the pixels of :func:`generate` and
-    the object's hard edges match its mask; at 64 px a sample is only a few KB anyway.
+    the object's hard edges match its mask. The grain barely compresses: about 12.5 KB per 64 px sample
+    (125 MB per 10,000), which a synthetic set can afford.
     """
     if n < 1 or shard_size < 1:
         raise ValueError(f"n and shard_size must be >= 1, got n={n}, shard_size={shard_size}")
