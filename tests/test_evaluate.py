@@ -1,0 +1,177 @@
+"""``python -m readout.evaluate``: end to end on tiny shards, resuming, rank splits, shipped configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from readout.backbones import load_classifier, save_classifier
+from readout.data.synthetic import synthetic_batch
+from readout.evaluate import (
+    Evaluation,
+    compute_results,
+    ensure_synthetic,
+    in_subset,
+    main,
+    parse_config,
+    sensitivity_correlations,
+    sensitivity_drops,
+)
+from readout.metrics import log_spaced_counts, sensitivity_n_correlations
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a CPU shared with other jobs, two spin while waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("classifier") / "tiny.safetensors"
+    save_classifier(load_classifier("synthetic-cnn", weights=None), path, {})
+    return str(path)
+
+
+def tiny_args(tmp_path: Path, classifier: str, methods: str, extra: list[str] | None = None) -> list[str]:
+    """A run over 8 synthetic 64-px images in 2 shards that the command writes itself."""
+    return [
+        f"--out={tmp_path / 'out'}",
+        f"--classifier.name={classifier}",
+        f"--data.shards={tmp_path / 'shards'}",
+        "--data.batch_size=4",
+        "--data.synthetic={n: 8, size: 64, seed: 4250, shard_size: 4}",
+        f"--statistics.cache={tmp_path / 'stats'}",
+        "--statistics.samples=8",
+        "--degradation.tiles=[32, 64]",
+        "--sensitivity={fraction: 0.5, tile: 32, points: 3, num_masks: 4}",
+        "--randomisation={fraction: 0.3, methods: [Saliency]}",
+        "--plot_images=2",
+        "--methods",
+        methods,
+        *(extra or []),
+    ]
+
+
+METHODS = (
+    "[{name: Saliency, method: saliency}, {name: Occlusion-32, method: occlusion, options: {window: 32}},"
+    " {name: Grad-CAM, method: grad-cam}, {name: Random, method: random}]"
+)
+
+
+def test_sensitivity_with_shared_forward_passes_equals_the_metric():
+    torch.manual_seed(0)
+    model = load_classifier("synthetic-cnn", weights=None)
+    batch = synthetic_batch(3, 64, seed=3)
+    maps = torch.rand(3, 64, 64)
+    ns = log_spaced_counts(16, 4)
+    _, expected = sensitivity_n_correlations(model, batch["image"], maps, batch["label"], 16, ns, 6, seed=2)
+    masks, drops = sensitivity_drops(model, batch["image"], batch["label"], 16, ns, 6, 2, "zero", 64)
+    torch.testing.assert_close(sensitivity_correlations(maps, 16, masks, drops), expected, equal_nan=True)
+
+
+def test_subsets_depend_on_the_key_alone():
+    keys = [f"k{i}" for i in range(2000)]
+    chosen = [key for key in keys if in_subset(key, 0.1, "a")]
+    assert 150 < len(chosen) < 250
+    assert chosen == [key for key in reversed(keys) if in_subset(key, 0.1, "a")][::-1]
+    assert all(in_subset(key, 1.0, "a") for key in keys[:10])
+    assert not any(in_subset(key, 0.0, "a") for key in keys[:10])
+
+
+def test_cli_end_to_end_then_rerun_reuses_every_shard(tmp_path, classifier_path, monkeypatch):
+    methods = METHODS[:-1] + ", {name: PS, method: per-sample, options: {steps: 1, copies: 2}}]"
+    results = main(tiny_args(tmp_path, classifier_path, methods))
+    out = tmp_path / "out"
+    for name in ["results.json", "results.md", "degradation.png", "sensitivity-n.png"]:
+        assert (out / name).is_file(), name
+    assert {"randomisation.png", "heatmaps.png"} <= set(results["plots"])
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["rows"]) == ["Saliency", "Occlusion-32", "Grad-CAM", "Random", "PS"]
+    random_row = saved["rows"]["Random"]
+    assert random_row["images"] == 8 and random_row["localisation"]["box_ratio_count"] > 0
+    assert random_row["degradation-32"]["count"] == 8
+    assert not math.isnan(saved["rows"]["Occlusion-32"]["degradation-32"]["score"])
+    assert "randomisation" in saved["rows"]["Saliency"] and "randomisation" not in random_row
+    table = (out / "results.md").read_text()
+    assert "| Occlusion-32 |" in table and "deg. 32x32 px" in table
+    files = sorted((out / "cache").rglob("*.safetensors"))
+    assert len(files) == 5 * 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    def no_attribution(*args, **kwargs):
+        raise AssertionError("a cached (method, shard) was recomputed")
+
+    monkeypatch.setattr(Evaluation, "attributor", no_attribution)
+    again = main(tiny_args(tmp_path, classifier_path, methods))
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(results["rows"], sort_keys=True)
+
+
+def test_a_changed_setting_is_not_taken_from_the_cache(tmp_path, classifier_path):
+    rows = "[{name: Saliency, method: saliency}, {name: Random, method: random%s}]"
+    main(tiny_args(tmp_path, classifier_path, rows % ""))
+    evaluation = Evaluation(parse_config(tiny_args(tmp_path, classifier_path, rows % ", options: {seed: 1}")))
+    saliency, random_row = evaluation.rows
+    shard = evaluation.shards.urls[0]
+    assert evaluation.cache_file(saliency, shard).is_file()
+    assert not evaluation.cache_file(random_row, shard).is_file()
+
+
+def test_two_ranks_give_the_results_of_one(tmp_path, classifier_path):
+    single = parse_config(tiny_args(tmp_path / "one", classifier_path, METHODS, ["--plot_images=0"]))
+    ensure_synthetic(single.data)
+    one = Evaluation(single, progress=False)
+    expected = compute_results(one, one.run())
+    split = parse_config(tiny_args(tmp_path / "one", classifier_path, METHODS, ["--plot_images=0"]))
+    split.out = str(tmp_path / "two")
+    ranks = [Evaluation(split, rank, 2, progress=False) for rank in range(2)]
+    totals = [evaluation.run() for evaluation in ranks]
+    assert all(evaluation.calls[name] > 0 for evaluation in ranks for name in evaluation.calls)
+    for name, metrics in totals[0].items():
+        metrics.merge(totals[1][name])
+    merged = compute_results(ranks[0], totals[0])
+    for name, row in expected.items():
+        for metric in ["localisation", "degradation-32", "degradation-64", "sensitivity", "randomisation"]:
+            if metric in row:
+                assert _close(row[metric], merged[name][metric]), (name, metric)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return a == pytest.approx(b, rel=1e-5, abs=1e-6)  # float32 maps of other batch shapes round apart
+
+
+def test_every_eval_config_is_shipped():
+    assert {c.stem for c in CONFIGS} == {"synthetic", "imagenet-resnet50", "imagenet-vgg16"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_shipped_config_parses_through_the_cli(config):
+    parsed = parse_config(["--config", str(config)])
+    names = [spec.name for spec in parsed.methods]
+    methods = {spec.method for spec in parsed.methods}
+    assert {"per-sample", "readout", "grad-cam", "saliency", "occlusion", "random"} <= methods
+    assert any(name.startswith("Per-Sample β=10/k") for name in names)
+
+
+def test_bad_configs_are_refused_with_the_field_named(tmp_path, classifier_path):
+    with pytest.raises((ValueError, SystemExit)):
+        parse_config(
+            tiny_args(tmp_path, classifier_path, "[{name: A, method: saliency}, {name: A, method: lrp}]")
+        )
