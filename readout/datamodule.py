@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
@@ -67,7 +68,9 @@ class ReadoutDataModule(pl.LightningDataModule):
     def __init__(
         self,
         train_shards: ShardSpec,
-        val_shards: ShardSpec | None = None,
+        # Not ShardSpec: with os.PathLike in the union, jsonargparse reads `--data.val_shards null` as
+        # the path 'None' instead of turning validation off.
+        val_shards: str | Sequence[str] | None = None,
         batch_size: int = 16,
         num_workers: int = 8,
         image_size: int = 224,

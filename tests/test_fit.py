@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from jsonargparse import dict_to_namespace
+from jsonargparse import ArgumentParser, dict_to_namespace
 
 from readout.data.synthetic import write_shards
+from readout.datamodule import ReadoutDataModule
 from readout.fit import main as fit
 from readout.fit import move_run, resolve_checkpoint
 from readout.readout_bottleneck import ReadoutBottleneck
@@ -137,6 +138,13 @@ def test_move_run_rebases_what_lies_under_the_old_run_directory():
     move_run(demo, "elsewhere")
     assert demo.trainer.callbacks[0].init_args.dirpath == "elsewhere/checkpoints"
     assert demo.export_dir == "checkpoints/readout-demo"  # not under runs/demo: stays
+
+
+def test_validation_can_be_turned_off_from_the_command_line(shards64):
+    parser = ArgumentParser()
+    parser.add_class_arguments(ReadoutDataModule, "data")
+    parsed = parser.parse_args(["--data.train_shards", str(shards64), "--data.val_shards", "null"])
+    assert parsed.data.val_shards is None
 
 
 # ------------------------------------------------------------------------------------------------------
