@@ -44,7 +44,8 @@ if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CP
 echo "$(date -Is) job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${NUM_NODES} node(s) x" \
     "${GPUS_PER_NODE} process(es), ${CONFIG}, run directory ${RUN_DIR}"
 
-srun "$PYTHON" -m readout.fit \
+# --kill-on-bad-exit: a rank that dies takes the others with it instead of leaving them waiting in NCCL.
+srun --kill-on-bad-exit=1 "$PYTHON" -m readout.fit \
     --config "$CONFIG" \
     --trainer.num_nodes "$NUM_NODES" \
     --trainer.devices "$GPUS_PER_NODE" \

@@ -66,8 +66,10 @@ def slurm_env(run_dir: Path, config: Path, requeue_log: Path) -> dict[str, str]:
 
 
 def start_job(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``sbatch slurm/train_readout.sh --trainer.max_steps 5``: the arguments go on to readout.fit."""
+    command = ["bash", str(SCRIPT), "--trainer.max_steps", "5"]
     with log.open("w") as out:
-        return subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
 def wait_for(path: Path, job: subprocess.Popen, log: Path, timeout: float = 240) -> str:
@@ -99,7 +101,7 @@ def step_processes(pid: int) -> list[int]:
 def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(tmp_path):
     write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
     run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
-    config = tiny_config(tmp_path / "shards", max_steps=5)
+    config = tiny_config(tmp_path / "shards")  # 6 steps; the job's arguments say 5
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
     config["data"]["num_workers"] = 1  # a worker process gets SLURM's signal too
     config["trainer"]["callbacks"].append(
