@@ -608,8 +608,14 @@ def bundle_digest(spec: MethodSpec) -> str:
     bundle = str(options_of(spec)["bundle"])
     digest = hashlib.sha256()
     for name in ("readout.json", "readout.safetensors"):
-        with fsspec.open(f"{bundle.rstrip('/')}/{name}", "rb") as handle:
-            digest.update(handle.read())
+        try:
+            with fsspec.open(f"{bundle.rstrip('/')}/{name}", "rb") as handle:
+                digest.update(handle.read())
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"row {spec.name!r}: the readout bundle {bundle} lacks {name} (train one: `make demo` "
+                "for synthetic-cnn, `python -m readout.fit` otherwise)"
+            ) from error
     return digest.hexdigest()[:16]
 
 

@@ -175,3 +175,34 @@ def test_bad_configs_are_refused_with_the_field_named(tmp_path, classifier_path)
         parse_config(
             tiny_args(tmp_path, classifier_path, "[{name: A, method: saliency}, {name: A, method: lrp}]")
         )
+
+
+def _gloo_rank(rank: int, world_size: int, store: str, args: list[str]) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size
+    )
+    try:
+        torch.set_num_threads(1)
+        main(args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_gloo_two_processes_write_the_results_of_one(tmp_path, classifier_path):
+    import torch.multiprocessing as mp
+
+    methods = (
+        "[{name: Saliency, method: saliency}, {name: Occlusion-32, method: occlusion, options: {window: 32}}]"
+    )
+    single = main(tiny_args(tmp_path / "one", classifier_path, methods))
+    args = tiny_args(tmp_path / "one", classifier_path, methods, [f"--out={tmp_path / 'two'}"])
+    mp.spawn(_gloo_rank, args=(2, str(tmp_path / "store"), args), nprocs=2, join=True)
+    both = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert both["world_size"] == 2
+    for name, row in single["rows"].items():
+        for metric in ["localisation", "degradation-32", "sensitivity", "randomisation"]:
+            if metric in row:
+                assert _close(row[metric], both["rows"][name][metric]), (name, metric)
+    assert "randomisation" in both["rows"]["Saliency"]
