@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--out", default="runs/demo/heatmaps")
     parser.add_argument("--bundle", default="checkpoints/readout-demo")
-    parser.add_argument("overrides", nargs="*", help="extra readout.fit arguments, e.g. --trainer.max_epochs=1")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra readout.fit arguments, e.g. --trainer.max_epochs=1"
+    )
     args = parser.parse_args(argv)
     size = load_classifier("synthetic-cnn").input_size
     started = time.perf_counter()
