@@ -63,6 +63,8 @@ class ReadoutDataModule(pl.LightningDataModule):
         shuffle_buffer: samples in the shuffle buffer of each worker.
         seed: seed of the shard order, the shuffle and the random crops.
         pin_memory: pin host memory for faster copies to the GPU.
+        max_bad_share: the run stops once more than this share of the training samples read were
+            skipped as corrupt (judged after 10/max_bad_share samples); 1 never stops.
     """
 
     def __init__(
@@ -80,12 +82,19 @@ class ReadoutDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         pin_memory: bool = True,
+        max_bad_share: float = 0.01,
     ) -> None:
         super().__init__()
-        # Fail before any model or data work: a missing shard names its pattern here.
-        resolve_shards(train_shards)
-        if val_shards is not None:
-            resolve_shards(val_shards)
+        if not 0 <= max_bad_share <= 1:
+            raise ValueError(f"data.max_bad_share must be in [0, 1], got {max_bad_share}")
+        # Fail before any model or data work: a missing shard names its field and pattern here.
+        for field, shards in (("train_shards", train_shards), ("val_shards", val_shards)):
+            try:
+                if shards is not None:
+                    resolve_shards(shards)
+            except (ValueError, FileNotFoundError) as error:
+                raise type(error)(f"data.{field}: {error}") from error
+        self.max_bad_share = max_bad_share
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers = batch_size, num_workers
         self.image_size, self.resize, self.min_scale = image_size, resize, min_scale

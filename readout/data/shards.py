@@ -26,8 +26,10 @@ Modes (rank and world size are given, or read from ``torch.distributed`` when th
   out when there are at least as many shards as consumers, else every consumer reads all shards and
   keeps every n-th sample. Ranks may get different numbers of batches; the last batch may be short.
 
-A corrupt sample (unreadable image, missing ``cls``, ...) or an unreadable shard is skipped with a
-:class:`CorruptSampleWarning` and counted in ``dataset.skips`` (shared with the worker processes).
+A corrupt sample (unreadable image, missing ``cls``, ...) or an unreadable shard (truncated, gone since
+the run started) is skipped with a :class:`CorruptSampleWarning` and counted in ``dataset.skips`` by
+reason and per shard (shared with the worker processes); ``dataset.health()`` sums them up as a
+:class:`ShardHealth`, which says when their share is past a limit and which shards are the worst.
 """
 
 from __future__ import annotations
@@ -147,16 +149,67 @@ def _missing(urls: Sequence[str]) -> list[str]:
     return missing
 
 
+@dataclass(frozen=True)
+class ShardHealth:
+    """What a dataset has read so far. good: samples decoded; bad: samples skipped plus errors of shards
+    (a missing shard counts one per attempt to read it, a truncated one per error it raises);
+    reasons: skip reason -> count; by_shard: URL -> bad."""
+
+    good: int
+    bad: int
+    reasons: dict[str, int]
+    by_shard: dict[str, int]
+
+    @property
+    def share(self) -> float:
+        """bad / (good + bad), 0 before anything was read."""
+        return self.bad / max(self.good + self.bad, 1)
+
+    def worst(self, n: int = 3) -> list[tuple[str, int]]:
+        """The ``n`` shards with the most skips, most first."""
+        return sorted(self.by_shard.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+    def verdict(self, max_share: float) -> str | None:
+        """A message when the share of bad samples is past ``max_share``, else None.
+
+        The share is judged once 10 / max_share samples have been read (1000 at 1%): by then a data set
+        right at the limit has shown about 10 bad ones, so a few early bad samples cannot stop a run.
+        """
+        read = self.good + self.bad
+        if max_share >= 1 or self.bad == 0 or self.share <= max_share:
+            return None
+        if max_share > 0 and read < 10 / max_share:
+            return None
+        worst = ", ".join(f"{url} ({count} bad)" for url, count in self.worst())
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.reasons.items()))
+        return (
+            f"{self.bad} of {read} samples read ({self.share:.1%}) were bad, more than "
+            f"data.max_bad_share = {max_share:g}. Worst shards: {worst}. Reasons: {reasons}. "
+            "Fix or drop those shards, or raise data.max_bad_share."
+        )
+
+
 class SkipCounter:
     """How many samples (or shards) were skipped, by reason; shared by the DataLoader's worker processes."""
 
-    def __init__(self) -> None:
+    def __init__(self, urls: Sequence[str] = ()) -> None:
         self._values = {reason: mp.Value("q", 0) for reason in SKIP_REASONS}
+        self.urls = tuple(urls)
+        self._index = {url: i for i, url in enumerate(self.urls)}
+        self._by_shard = mp.Array("q", max(len(self.urls), 1))
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str, url: str | None = None) -> None:
         value = self._values[reason]
         with value.get_lock():
             value.value += 1
+        index = self._index.get(url) if url is not None else None
+        if index is not None:
+            with self._by_shard.get_lock():
+                self._by_shard[index] += 1
+
+    def by_shard(self) -> dict[str, int]:
+        """URL -> skips, only the shards that had any."""
+        return {url: count for url, count in zip(self.urls, self._by_shard[:], strict=False) if count}
 
     def counts(self) -> dict[str, int]:
         """Reason -> count, only the reasons that occurred."""
@@ -200,7 +253,9 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = _rank_and_world_size(rank, world_size)
         self.batches_per_epoch = self._batches_per_epoch(batches_per_epoch) if mode == "train" else None
-        self.skips = SkipCounter()
+        self.skips = SkipCounter(self.shards.urls)
+        self._good = mp.Value("q", 0)
+        self._current_url: str | None = None
         self._epoch = mp.Value("q", -1)
         self._iterations = 0
 
@@ -216,6 +271,10 @@ class ShardDataset(IterableDataset):
         if requested < 1:
             raise ValueError(f"batches_per_epoch must be >= 1, got {requested} for {self.shards.pattern!r}")
         return requested
+
+    def health(self) -> ShardHealth:
+        """Samples decoded and skipped so far, in this process and its loader workers."""
+        return ShardHealth(self._good.value, self.skips.total, self.skips.counts(), self.skips.by_shard())
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch that seeds the train order; seen by worker processes too."""
@@ -293,21 +352,32 @@ class ShardDataset(IterableDataset):
 
     def _read(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
         """Raw samples (member suffix -> bytes, plus ``__key__``, ``__url__``) of the shards, in order."""
-        files = tar_file_expander(_open_streams(urls, self._on_shard_error), handler=self._on_shard_error)
+        streams = self._tracked(_open_streams(urls, self._on_shard_error))
+        files = tar_file_expander(streams, handler=self._on_shard_error)
         return group_by_keys(files, handler=self._on_shard_error)
 
+    def _tracked(self, streams: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The streams, remembering whose shard is being read: a tar error does not always name it."""
+        for source in streams:
+            self._current_url = source["url"]
+            yield source
+
     def _on_shard_error(self, error: Exception) -> bool:
-        self.skips.add("bad_shard")
+        named = [arg for arg in error.args if isinstance(arg, str) and arg in self.skips.urls]
+        self.skips.add("bad_shard", named[-1] if named else self._current_url)
         warnings.warn(f"skipping the rest of a shard: {error}", CorruptSampleWarning, stacklevel=2)
         return True
 
     def _decode(self, raw: dict[str, Any]) -> ShardSample | None:
         try:
-            return decode_sample(raw)
+            sample = decode_sample(raw)
         except SampleError as error:
-            self.skips.add(error.reason)
+            self.skips.add(error.reason, raw.get("__url__"))
             warnings.warn(f"skipping {error}", CorruptSampleWarning, stacklevel=2)
             return None
+        with self._good.get_lock():
+            self._good.value += 1
+        return sample
 
 
 def _open_streams(urls: Iterable[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
