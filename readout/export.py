@@ -144,12 +144,13 @@ def load(
 
 
 def export_checkpoint(checkpoint: str, out: str) -> str:
-    """Exports a ``readout.fit`` checkpoint (loaded with ``weights_only=True``) as a bundle."""
-    from readout.lit import ReadoutModule  # Lightning only for this path, never for load()
+    """Exports a ``readout.fit`` checkpoint (checked whole, loaded with ``weights_only=True``) as a bundle."""
+    from readout.checkpointing import read_checkpoint  # Lightning only for this path, never for load()
+    from readout.lit import ReadoutModule
 
-    with fsspec.open(checkpoint, "rb") as handle:
-        state = torch.load(handle, map_location="cpu", weights_only=True)
-    hparams = state["hyper_parameters"]
+    state = read_checkpoint(checkpoint)
+    # LightningCLI adds its own keys (``_instantiator``, ``_class_path``) to the hyper-parameters.
+    hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
     module = ReadoutModule(**hparams)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])

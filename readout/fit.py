@@ -7,17 +7,34 @@ resumes from the newest checkpoint of the run directory (step, optimiser, estima
 position in the data), a SLURM requeue's ``hpc_ckpt_*.ckpt`` included. At the end, rank 0 exports a
 bundle to ``--export_dir`` (default ``<trainer.default_root_dir>/export``) that ``readout.load`` reads
 without Lightning.
+
+Faults (see readout.faults and readout.checkpointing): checkpoints are written atomically and read
+with ``weights_only=True`` after a whole-file check; ``--ckpt_path last`` passes over a corrupt one to
+the previous good one and says so; SIGTERM (or SIGUSR1 outside SLURM) saves a checkpoint at the end
+of the step and exits 0; too many corrupt samples stop the run naming the worst shards; in a DDP
+run a rank whose peer died or stalled past the timeout says so and exits.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
+import torch
 from jsonargparse import Namespace
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning import Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from readout.checkpointing import CheckpointError, ReadoutCheckpointIO, first_usable, read_checkpoint
 from readout.datamodule import ReadoutDataModule
 from readout.export import export_module
+from readout.faults import BadDataError, BadDataGuard, Preemption, peer_failure_message
 from readout.lit import ReadoutModule
 
 
@@ -46,6 +63,12 @@ class ReadoutCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.config.run_dir is not None:
             move_run(self.config, self.config.run_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a configured one is left alone
+            trainer.strategy.checkpoint_io = ReadoutCheckpointIO()
+        return trainer
 
 
 def move_run(config: Namespace, run_dir: str) -> None:
@@ -81,31 +104,98 @@ def resolve_checkpoint(ckpt_path: str | None, root: str) -> str | None:
     """
     if ckpt_path != "last":
         return ckpt_path
+    candidates = resume_candidates(root)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(root: str, fallbacks: bool = False) -> list[str]:
+    """The checkpoints ``--ckpt_path last`` may take, newest first (see :func:`resolve_checkpoint`).
+
+    ``fallbacks`` appends the run's other ``*.ckpt`` (ModelCheckpoint's top-k), newest first: where
+    the newest is corrupt, the previous good one may be one of them.
+    """
     base = Path(root)
-    candidates = [*base.glob("hpc_ckpt_*.ckpt"), *base.glob("**/last*.ckpt")]
+
+    def newest_first(paths: list[Path]) -> list[str]:
+        ranked = sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc_ckpt_")))
+        return [str(p) for p in reversed(ranked)]
+
+    primary = newest_first([*base.glob("hpc_ckpt_*.ckpt"), *base.glob("**/last*.ckpt")])
+    if not fallbacks:
+        return primary
+    return primary + [p for p in newest_first(list(base.glob("**/*.ckpt"))) if p not in primary]
+
+
+def checkpoint_to_resume(ckpt_path: str | None, root: str, model: ReadoutModule) -> str | None:
+    """The checkpoint to resume from, read whole and checked against the model before any data is read.
+
+    'last' takes the newest that loads and can be resumed from, and names each one passed over;
+    an explicit path must load itself. Lightning's own keywords ('best', 'hpc', ...) pass unchecked.
+    """
+    if ckpt_path is None or (ckpt_path != "last" and re.fullmatch(r"[a-z]+", ckpt_path)):
+        return ckpt_path
+    if ckpt_path != "last":
+        model.check_checkpoint(resumable(read_checkpoint(ckpt_path), ckpt_path))
+        return ckpt_path
+    candidates = resume_candidates(root, fallbacks=True)
     if not candidates:
         return None
-    newest = max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc_ckpt_")))
-    return str(newest)
+    found = first_usable(candidates, rank_zero_warn, check=resumable)
+    if found is None:
+        raise CheckpointError(
+            f"none of the {len(candidates)} checkpoints under {root} can be resumed from (why is logged "
+            "above); pass --ckpt_path null to start over"
+        )
+    path, checkpoint = found
+    model.check_checkpoint(checkpoint)
+    return path
+
+
+def resumable(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
+    """The checkpoint itself if it holds a training state (ModelCheckpoint's weights-only ones do not)."""
+    missing = [key for key in ("optimizer_states", "loops") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} holds no training state to resume (no {', '.join(missing)})")
+    return checkpoint
 
 
 def main(args: list[str] | None = None) -> ReadoutCLI:
+    preemption = Preemption()
     cli = ReadoutCLI(
         ReadoutModule,
         ReadoutDataModule,
         run=False,
         args=args,
+        trainer_defaults={"callbacks": [preemption, BadDataGuard()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "python -m readout.fit", "description": __doc__.splitlines()[0]},
     )
     trainer = cli.trainer
-    ckpt_path = resolve_checkpoint(cli.config.ckpt_path, trainer.default_root_dir)
-    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    ckpt_path = checkpoint_to_resume(cli.config.ckpt_path, trainer.default_root_dir, cli.model)
+    try:
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        if preemption.received is None:  # Lightning's own handler, before the first training step
+            rank_zero_info("stopped by SIGTERM before the first training step: nothing to save")
+        return cli  # else preempted: the checkpoint is written and Preemption has said where
+    except RuntimeError as error:
+        if trainer.world_size > 1 and not isinstance(error, BadDataError) and from_collective(error):
+            print(peer_failure_message(trainer, error), file=sys.stderr, flush=True)
+        raise
     if trainer.is_global_zero and not trainer.interrupted:
         out = cli.config.export_dir or str(Path(trainer.default_root_dir) / "export")
         export_module(cli.model, out)
         print(f"exported the readout to {out}")
     return cli
+
+
+def from_collective(error: BaseException) -> bool:
+    """Whether an error came out of torch.distributed (gloo, NCCL): a peer died or a collective timed out."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    in_distributed = any("torch/distributed/" in frame.filename for frame in frames)
+    return in_distributed or re.search(r"gloo|nccl|c10d", str(error), re.IGNORECASE) is not None
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from readout.backbones import load_classifier
+from readout.backbones import Classifier, load_classifier, tap_info
 from readout.bottleneck import LN2
+from readout.checkpointing import check_finite
 from readout.export import classifier_fingerprint
 from readout.plotting import heatmap_grid
 from readout.readout_bottleneck import ReadoutBottleneck
@@ -61,6 +62,8 @@ class ReadoutModule(pl.LightningModule):
         num_heatmaps: images in that grid.
         collapse: what to do when the bottleneck's accuracy falls to chance at validation.
         noise_seed: seed of the per-sample noise.
+        nonfinite: what a NaN or Inf loss or gradient does: stop the run (the last checkpoint stays),
+            or skip the batch without an optimiser step and count it (``train/nonfinite_skipped``).
     """
 
     def __init__(
@@ -81,15 +84,22 @@ class ReadoutModule(pl.LightningModule):
         num_heatmaps: int = 8,
         collapse: Literal["warn", "stop", "ignore"] = "warn",
         noise_seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         if beta <= 0:
             raise ValueError(f"model.beta must be > 0 (β = beta/k), got {beta}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters()
-        network = load_classifier(classifier, weights=weights, weights_path=weights_path)
+        try:
+            network = load_classifier(classifier, weights=weights, weights_path=weights_path)
+        except KeyError as error:
+            raise ValueError(f"model.classifier: {error.args[0]}") from error
         network.input_size = input_size or network.input_size
+        check_layers(network, layer, taps)
         self.attributor = ReadoutBottleneck(network, layer, taps, sigma, min_std, active_threshold)
         self.fingerprint = classifier_fingerprint(network)
         classes = network.num_classes
@@ -97,6 +107,7 @@ class ReadoutModule(pl.LightningModule):
         self.accuracy_bottleneck = MulticlassAccuracy(classes, average="micro")
         self.fixed_images: torch.Tensor | None = None
         self._step_started = 0.0
+        self.nonfinite_skipped = 0
 
     # ----------------------------------------------------------------------------------------------------
     # The estimator stage
@@ -145,13 +156,15 @@ class ReadoutModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         out = self.shared_step(batch)
-        if not torch.isfinite(out["loss"]):
-            raise FloatingPointError(
-                f"loss is {out['loss'].item()} at step {self.global_step} (ce {out['ce'].item()}, "
-                f"bits {out['bits'].item()}); the last checkpoint is kept. Lower model.lr or check the data."
+        # Every rank takes part, so all stop or skip together (a lone skip would leave DDP's others
+        # waiting in the gradient all-reduce).
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(out["loss"])), all=False):
+            self.nonfinite_batch(
+                f"loss is {out['loss'].item()} (ce {out['ce'].item()}, bits {out['bits'].item()})"
             )
+            return None  # Lightning skips backward and the optimiser's update
         labels = batch["label"]
         size = len(labels)
         self.log_dict(
@@ -174,9 +187,31 @@ class ReadoutModule(pl.LightningModule):
         size = len(batch["label"]) * self.trainer.world_size
         self.log("train/images_per_s", size / max(elapsed, 1e-9), batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=size)
         every = self.hparams["heatmap_every_n_steps"]
         if every and self.global_step % every == 0 and self.fixed_images is not None:
             self.log_heatmaps()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16's GradScaler skips steps with Inf gradients itself
+        grads = [p.grad for p in self.attributor.net.parameters() if p.grad is not None]
+        # After DDP's all-reduce the gradients are the same on every rank: so is this decision.
+        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            self.nonfinite_batch("a gradient of the readout net is NaN or Inf")
+            for parameter in self.attributor.net.parameters():
+                parameter.grad = None  # Adam leaves parameters without a gradient untouched
+
+    def nonfinite_batch(self, what: str) -> None:
+        """Stops the run (``nonfinite='stop'``) or counts a batch skipped (``'skip'``)."""
+        where = f"at step {self.global_step}"
+        if self.hparams["nonfinite"] == "stop":
+            raise FloatingPointError(
+                f"{what} {where}; the run stops and the last checkpoint is kept (no checkpoint ever holds "
+                "a NaN). Lower model.lr, check the data, or pass --model.nonfinite skip to skip such batches."
+            )
+        self.nonfinite_skipped += 1
+        rank_zero_warn(f"{what} {where}: batch skipped ({self.nonfinite_skipped} so far)")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.shared_step(batch)
@@ -235,6 +270,11 @@ class ReadoutModule(pl.LightningModule):
     # Checkpoints: the frozen classifier is identified, not stored
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # On every rank, before rank 0 writes: a NaN stops all of them instead of reaching the file.
+        check_finite(
+            checkpoint, f"the checkpoint of step {self.global_step} (not saved; the last one is kept)"
+        )
+        checkpoint["readout_nonfinite_skipped"] = self.nonfinite_skipped
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(CLASSIFIER_PREFIX)]:
             del state[key]
@@ -244,6 +284,13 @@ class ReadoutModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint(checkpoint)
+        self.nonfinite_skipped = int(checkpoint.get("readout_nonfinite_skipped", 0))
+        for key, value in self.attributor.classifier.state_dict().items():
+            checkpoint["state_dict"][CLASSIFIER_PREFIX + key] = value
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raises ValueError unless ``checkpoint`` was written by readout.fit for this very classifier."""
         stored = checkpoint.get("readout_classifier")
         if stored is None:
             raise ValueError("this checkpoint was not written by readout.fit (no readout_classifier entry)")
@@ -253,5 +300,31 @@ class ReadoutModule(pl.LightningModule):
                 f"{stored['fingerprint']}), not on the configured {self.attributor.classifier.name!r} "
                 f"(fingerprint {self.fingerprint}): set model.classifier/model.weights to match it"
             )
-        for key, value in self.attributor.classifier.state_dict().items():
-            checkpoint["state_dict"][CLASSIFIER_PREFIX + key] = value
+
+
+def check_layers(network: Classifier, layer: str | None, taps: list[str] | None) -> None:
+    """Raises ValueError naming ``model.layer`` or ``model.taps`` and the valid choices.
+
+    The bottleneck's layer needs a spatial activation and layers after it (the classifier's output
+    cannot be one); readout taps may be any layer, the output included (the paper reads the logits).
+    """
+    names = list(network.taps)
+    unknown = [tap for tap in taps or [] if tap not in network.taps]
+    if unknown:
+        raise ValueError(
+            f"model.taps {unknown} are not layers of {network.name!r}; valid: {', '.join(names)}"
+        )
+    if layer is None:
+        return
+    output = max(names, key=network.taps.__getitem__)
+    known = {info.name: info for info in tap_info(network, names)}
+    valid = [name for name in names if known[name].spatial and name != output]
+    if layer not in valid:
+        why = (
+            "is the classifier's output: the bottleneck needs layers after it"
+            if layer == output
+            else "has no spatial activation"
+            if layer in known
+            else f"is not a layer of {network.name!r}"
+        )
+        raise ValueError(f"model.layer {layer!r} {why}; valid: {', '.join(valid)}")

@@ -1,0 +1,131 @@
+"""Preemption: SIGTERM (or SIGUSR1 outside SLURM) mid-epoch saves at the end of the step and stops cleanly;
+the resumed run ends with the weights of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import test_reliability as shared
+import torch
+from test_ddp import ddp_env
+from test_reliability import fit_args, readout_weights
+
+from readout.faults import Preemption
+from readout.fit import main as fit
+from readout.readout_bottleneck import ReadoutBottleneck
+
+TESTS = Path(__file__).resolve().parent
+one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signal_name`` to this process as step ``at`` starts: it arrives in the middle of a step."""
+
+    def __init__(self, signal_name: str, at: int) -> None:
+        self.signum, self.at, self.sent = getattr(signal, signal_name), at, False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class HoldAt(pl.Callback):
+    """At the start of step ``at`` on rank ``rank`` writes the process id to ``marker`` and waits for a
+    signal to arrive."""
+
+    def __init__(self, at: int, marker: str, rank: int = 0) -> None:
+        self.at, self.marker, self.rank = at, Path(marker), rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step != self.at or trainer.global_rank != self.rank:
+            return
+        (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]  # type: ignore[attr-defined]
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while preemption.received is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("SLURM_")]:
+            patch.delenv(key)
+        cli = fit(fit_args(shards, tmp_path_factory.mktemp("uninterrupted") / "run"))
+    torch.set_num_threads(threads)
+    return cli
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
+    signal_name, uninterrupted, shards, tmp_path, monkeypatch, no_slurm
+):
+    """The signal arrives during step 3 of 6 (4 per epoch; last.ckpt is from step 2): hpc_ckpt_1.ckpt holds
+    step 3, and the run resumed from it matches the reference in weights, Adam's state and μ/σ."""
+    estimates = []
+    estimate = ReadoutBottleneck.estimate
+    monkeypatch.setattr(
+        ReadoutBottleneck, "estimate", lambda *a, **k: estimates.append(1) or estimate(*a, **k)
+    )
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    run = tmp_path / "run"
+    at = {
+        "class_path": "test_reliability_preemption.SignalAt",
+        "init_args": {"signal_name": signal_name, "at": 2},
+    }
+    first = fit(fit_args(shards, run, callbacks=[at]))
+
+    assert first.trainer.interrupted and first.trainer.global_step == 3
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
+    assert not (run / "export").exists(), "an interrupted run exported a bundle"
+    saved = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    assert all(s["step"] == 3 for s in saved["optimizer_states"][0]["state"].values())
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    second = fit([*fit_args(shards, run), "--ckpt_path", "last"])
+    assert second.trainer.global_step == 6 and not second.trainer.interrupted
+    assert len(estimates) == 1, "the resumed run estimated μ/σ again instead of restoring them"
+    expected, got = readout_weights(uninterrupted), readout_weights(second)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    reference = uninterrupted.model.attributor.statistics
+    torch.testing.assert_close(second.model.attributor.statistics.total, reference.total)
+    final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(s["step"] == 6 for s in final["optimizer_states"][0]["state"].values())
+
+
+def test_sigterm_from_outside_stops_the_process_with_exit_code_0_and_a_checkpoint(shards, tmp_path):
+    run, marker = tmp_path / "run", tmp_path / "held"
+    hold = {"class_path": "test_reliability_preemption.HoldAt", "init_args": {"at": 2, "marker": str(marker)}}
+    env = {**ddp_env(), "PYTHONPATH": str(TESTS)}
+    with (tmp_path / "out.txt").open("w") as out:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "readout.fit", *fit_args(shards, run, callbacks=[hold])],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert job.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached step 2"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 0, (tmp_path / "out.txt").read_text()[-3000:]
+    output = (tmp_path / "out.txt").read_text()
+    assert f"SIGTERM: stopping after step 3, checkpoint {run / 'hpc_ckpt_1.ckpt'}" in output, output[-3000:]
+    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
+    assert not (run / "export").exists()
