@@ -98,9 +98,10 @@ def resolve_checkpoint(ckpt_path: str | None, root: str) -> str | None:
     """'last' means the newest checkpoint of the run directory, or a fresh start if there is none.
 
     Candidates: ``last*.ckpt`` anywhere under ``root`` (ModelCheckpoint's) and ``root/hpc_ckpt_*.ckpt``
-    (what Lightning saves on SLURM's requeue signal). Lightning looks for the latter only when no
-    checkpoint is given, so it has to be weighed here. On equal times (coarse clocks of network file
-    systems) the signal's checkpoint wins: it is written after the periodic one of the same step.
+    (what Lightning saves on SLURM's requeue signal, and readout.faults.Preemption on SIGTERM or
+    SIGUSR1). Lightning looks for the latter only when no checkpoint is given, so it has to be weighed
+    here. On equal times (coarse clocks of network file systems) the signal's checkpoint wins: it is
+    written after the periodic one of the same step.
     """
     if ckpt_path != "last":
         return ckpt_path
