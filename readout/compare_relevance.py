@@ -11,9 +11,9 @@ statistics, which use :data:`STATS_SEED`), for each setting (classifier, bottlen
 
 Scores (:mod:`readout.metrics.localisation`), means over the images: box ratio, mask top-n share,
 positive mass inside the mask, boundary sharpness (mass just inside the contour / mass in both bands)
-and boundary share. Δ mask is the paired difference of the mask top-n share to the IBA map of the same
-fit (± its standard error). Writes ``results.md``, ``results.json`` and ``figure-<setting>.png``
-(image | upsampled IBA | Relevance-IBA) to ``--out``.
+and boundary share. The Δ columns are paired differences (mask top-n share, mass in mask) to the
+upsampled map of the same fit, ± their standard error over images. Writes ``results.md``,
+``results.json`` and ``figure-<setting>.png`` (image | upsampled IBA | Relevance-IBA) to ``--out``.
 
 Settings: ``64px-block1`` (the shipped classifier at its default layer, stride 2: the IBA map is
 upsampled 2x), ``64px-block3`` (stride 8: upsampled 8x, as the paper's conv3_4 at 224 px) and, given a
@@ -138,14 +138,17 @@ def evaluate_base(
     batches: list[dict[str, Any]],
     variants: tuple[Variant, ...],
     boundary_width: int,
-) -> tuple[list[Row], list[tuple[Explanation, torch.Tensor]]]:
-    """Rows for the base's upsampled map and for Relevance-IBA from it, one fit per batch."""
+) -> tuple[list[Row], Explanation, dict[str, torch.Tensor]]:
+    """Rows for the base's upsampled map and for Relevance-IBA from it, one fit per batch.
+
+    Also returns the first batch's base explanation and each variant's heatmaps of it, for the figure.
+    """
     rows = [Row(f"{label} (upsampled)")] + [Row(f"Relevance-{label}: {v.name}") for v in variants]
     attributors = [
         RelevanceIBA(base, composite=v.composite, injection=v.injection, mask_dead=v.mask_dead)
         for v in variants
     ]
-    kept = []
+    first: dict[str, torch.Tensor] = {}
     for batch in batches:
         images = batch["image"]
         start = time.perf_counter()
@@ -158,8 +161,11 @@ def evaluate_base(
             row.seconds += time.perf_counter() - start
             row.add(relevance.heatmap, batch, boundary_width)
             row.conservation.extend(relevance.conservation.tolist())
-        kept.append((explanation, attributors[0].explain_from(images, explanation).heatmap))
-    return rows, kept
+            if batch is batches[0]:
+                first[row.method.split(": ", 1)[1]] = relevance.heatmap
+        if batch is batches[0]:
+            first_explanation = explanation
+    return rows, first_explanation, first
 
 
 def accuracy(classifier: Classifier, batches: list[dict[str, Any]]) -> float:
@@ -184,13 +190,15 @@ def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
     base = PerSample(setting.classifier, layer=setting.layer, seed=0)
     base.estimate(statistics_batches(setting.size, args.stats_samples), progress=False)
     variants = tuple(v for v in VARIANTS if args.variants is None or v.name in args.variants)
-    rows, kept = evaluate_base(base, "IBA", batches, variants, width)
+    rows, explanation, heatmaps = evaluate_base(base, "IBA", batches, variants, width)
     readout_rows: list[Row] = []
     if args.readout and setting.name == "64px-block1":
         readout = load_readout(args.readout, setting.classifier)
         if readout is not None:
-            readout_rows, _ = evaluate_base(readout, "Readout", batches, variants[:1], width)
-    figure(setting, batches[0], kept[0], Path(args.out) / f"figure-{setting.name}.png", args.figure_images)
+            readout_rows, _, _ = evaluate_base(readout, "Readout", batches, variants[:1], width)
+    shown = {name: heatmaps[name] for name in args.figure_variants if name in heatmaps}
+    path = Path(args.out) / f"figure-{setting.name}.png"
+    figure(setting, batches[0], explanation, shown, path, args.figure_images)
     n_images = sum(len(b["label"]) for b in batches)
     return {
         "setting": setting.name,
@@ -205,13 +213,17 @@ def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+#: Scores also reported as paired differences to the base's upsampled map of the same fit.
+PAIRED = ("mask_ratio", "mask_mass")
+
+
 def summary(row: Row, reference: Row, n_images: int) -> dict[str, Any]:
-    delta, error = paired_difference(row.scores["mask_ratio"], reference.scores["mask_ratio"])
+    deltas = {name: paired_difference(row.scores[name], reference.scores[name]) for name in PAIRED}
     return {
         "method": row.method,
         **{name: nanmean(row.scores[name]) for name in LOCALISATION_SCORES},
-        "delta_mask_ratio": delta,
-        "delta_mask_ratio_se": error,
+        **{f"delta_{name}": delta for name, (delta, _) in deltas.items()},
+        **{f"delta_{name}_se": error for name, (_, error) in deltas.items()},
         "conservation": nanmean(row.conservation) if row.conservation else None,
         "seconds_per_image": row.seconds / n_images,
     }
@@ -230,20 +242,21 @@ def clipped(heatmap: torch.Tensor, quantile: float = 0.995) -> torch.Tensor:
 def figure(
     setting: Setting,
     batch: dict[str, Any],
-    kept: tuple[Explanation, torch.Tensor],
+    explanation: Explanation,
+    relevance: dict[str, torch.Tensor],
     path: Path,
     count: int,
 ) -> None:
-    """image | upsampled IBA | Relevance-IBA (first variant; signed: blue < 0 < red), ``count`` images."""
-    explanation, relevance = kept
-    count = min(count, len(relevance))
-    fig, axes = plt.subplots(count, 3, figsize=(6.6, 2.2 * count), squeeze=False)
+    """image | upsampled IBA | Relevance-IBA per variant (signed: blue < 0 < red), ``count`` images."""
+    count = min(count, len(explanation.heatmap))
+    columns = 2 + len(relevance)
+    fig, axes = plt.subplots(count, columns, figsize=(2.2 * columns, 2.2 * count), squeeze=False)
     for i in range(count):
         image = batch["image"][i]
-        panels = [
-            (image, "image"),
-            (overlay(image, explanation.heatmap[i]), "IBA (upsampled)"),
-            (overlay(image, clipped(relevance[i]), symmetric=True), "Relevance-IBA (clipped)"),
+        panels = [(image, "image"), (overlay(image, explanation.heatmap[i]), "IBA (upsampled)")]
+        panels += [
+            (overlay(image, clipped(maps[i]), symmetric=True), f"Relevance-IBA\n{name}")
+            for name, maps in relevance.items()
         ]
         for ax, (picture, title) in zip(axes[i], panels, strict=True):
             ax.imshow(picture.permute(1, 2, 0).numpy())
@@ -251,7 +264,11 @@ def figure(
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title, fontsize=9)
-    fig.suptitle(f"{setting.name} (layer {setting.layer}); green: object mask", fontsize=9)
+    fig.suptitle(
+        f"{setting.name} (layer {setting.layer}); green: object mask; relevance clipped at its 99.5th "
+        "percentile of |R|",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -283,16 +300,16 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
             "method",
             *(title for _, title in COLUMNS),
             "Δ mask top-n (± s.e.)",
+            "Δ mass in mask (± s.e.)",
             "conservation",
             "s/img",
         ]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in result["rows"]:
             cells = [row["method"], *(f"{row[key]:.3f}" for key, _ in COLUMNS)]
-            delta = row["delta_mask_ratio"]
-            cells.append(
-                "" if row["conservation"] is None else f"{delta:+.3f} ± {row['delta_mask_ratio_se']:.3f}"
-            )
+            for name in PAIRED:
+                delta, error = row[f"delta_{name}"], row[f"delta_{name}_se"]
+                cells.append("" if row["conservation"] is None else f"{delta:+.3f} ± {error:.3f}")
             cells.append("" if row["conservation"] is None else f"{row['conservation']:.4f}")
             cells.append(f"{row['seconds_per_image']:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
@@ -337,13 +354,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hires-classifier", default=None, help="a saved synthetic-cnn trained at 224 px")
     parser.add_argument("--readout", default=None, help="a readout bundle for the 64-px classifier")
     parser.add_argument("--figure-images", type=int, default=4)
+    parser.add_argument(
+        "--figure-variants",
+        nargs="*",
+        default=["EpsilonPlusFlat", "EpsilonPlusFlatSumPlus, mask_dead"],
+        help="Relevance-IBA variants drawn in the figure (those that ran)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run (default: all)")
     parser.add_argument(
         "--variants",
         nargs="*",
         default=None,
         choices=[v.name for v in VARIANTS],
-        help="Relevance-IBA variants to run (default: all; the first one is also drawn)",
+        help="Relevance-IBA variants to run (default: all)",
     )
     args = parser.parse_args(argv)
     if args.n < 1 or args.batch_size < 1:
