@@ -5,6 +5,11 @@ Train (CPU, minutes)::
     python -m readout.train_classifier --out checkpoints/synthetic-cnn \
         --n-train 16000 --epochs 8 --size 64 --seed 0
 
+The 224-px classifier of ``python -m readout.compare_relevance`` starts from the 64-px one::
+
+    python -m readout.train_classifier --out checkpoints/synthetic-cnn-224 --init checkpoints/synthetic-cnn \
+        --size 224 --n-train 4000 --epochs 2 --batch-size 64 --lr 1e-3 --n-eval 256 --min-accuracy 0.9
+
 Measure a saved classifier again::
 
     python -m readout.train_classifier --evaluate-only --out checkpoints/synthetic-cnn \
@@ -56,6 +61,8 @@ class TrainConfig:
     """Test images, made with ``eval_seed``."""
     eval_seed: int = 1000
     """Data seed of the test images; never used for training."""
+    init: str = ""
+    """A saved classifier to start from (its weights; e.g. the 64-px one for a 224-px fine-tune)."""
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -84,6 +91,8 @@ def train(config: TrainConfig, log: bool = True) -> tuple[Classifier, dict[str, 
     if log:
         print(f"made {len(labels)} training images in {time.perf_counter() - began:.0f} s", flush=True)
     stages, taps = SyntheticCNN(num_classes=len(CLASSES)).stages()
+    if config.init:
+        stages.load_state_dict(load_saved_classifier(Path(config.init)).stages.state_dict())
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     steps_per_epoch = len(labels) // config.batch_size

@@ -117,3 +117,16 @@ def test_the_training_cli_writes_weights_and_metadata_that_load(tmp_path: Path) 
     assert "--evaluate-only" in meta["evaluation"]["command"] and 0 <= meta["evaluation"]["top1"] <= 1
     loaded = load_classifier(str(out.with_suffix(".safetensors")))
     assert evaluate(loaded, 16, 32, seed=meta["evaluation"]["seed"]) == meta["evaluation"]["top1"]
+
+
+def test_training_from_init_starts_at_the_saved_weights(tmp_path: Path) -> None:
+    # A vanishing learning rate leaves the convolutions where they started: at the init's weights.
+    shipped = load_classifier("synthetic-cnn")
+    out = tmp_path / "fine-tuned"
+    main(["--out", str(out), "--init", str(CHECKPOINT_DIR / "synthetic-cnn"), "--n-train", "32"]
+         + ["--epochs", "1", "--batch-size", "32", "--size", "32", "--lr", "1e-12", "--n-eval", "8"]
+         + ["--min-accuracy", "0"])  # fmt: skip
+    tuned = load_classifier(str(out.with_suffix(".safetensors"))).stages.state_dict()
+    for key, value in shipped.stages.state_dict().items():
+        if key.endswith(".weight") and value.dim() == 4:
+            torch.testing.assert_close(tuned[key], value, rtol=0, atol=1e-6)
