@@ -184,7 +184,36 @@ def load_readout(path: str, classifier: Classifier) -> BottleneckAttributor | No
         return None
 
 
-def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
+def bundle_fits(path: str, setting: Setting) -> bool:
+    """Whether a readout bundle was trained on this setting's classifier (same weights, same input size)."""
+    from readout.export import classifier_fingerprint, read_config
+
+    meta = read_config(path)["classifier"]
+    return bool(
+        meta["fingerprint"] == classifier_fingerprint(setting.classifier)
+        and meta["input_size"] == setting.size
+    )
+
+
+def readouts_of(setting: Setting, paths: list[str], settings: list[Setting]) -> list[str]:
+    """The bundles whose rows go to ``setting``: each bundle once, in the setting of its own classifier
+    and bottleneck layer or, where no setting has that layer, the first setting of its classifier."""
+    from readout.export import read_config
+
+    chosen = []
+    for path in paths:
+        fitting = [s for s in settings if bundle_fits(path, s)]
+        if not fitting:
+            print(f"note: readout bundle {path} fits no setting's classifier, skipped")
+            continue
+        layer = read_config(path)["layer"]
+        home = next((s for s in fitting if s.layer == layer), fitting[0])
+        if home is setting:
+            chosen.append(path)
+    return chosen
+
+
+def run_setting(setting: Setting, args: argparse.Namespace, all_settings: list[Setting]) -> dict[str, Any]:
     batches = held_out(setting, args.n, args.batch_size)
     width = max(1, round(2 * setting.size / 64))
     base = PerSample(setting.classifier, layer=setting.layer, seed=0)
@@ -192,8 +221,8 @@ def run_setting(setting: Setting, args: argparse.Namespace) -> dict[str, Any]:
     variants = tuple(v for v in VARIANTS if args.variants is None or v.name in args.variants)
     rows, explanation, heatmaps = evaluate_base(base, "IBA", batches, variants, width)
     readout_rows: list[Row] = []
-    if args.readout and setting.name == "64px-block1":
-        readout = load_readout(args.readout, setting.classifier)
+    for path in readouts_of(setting, args.readout, all_settings):
+        readout = load_readout(path, setting.classifier)
         if readout is not None:
             readout_rows, _, _ = evaluate_base(readout, "Readout", batches, variants[:1], width)
     shown = {name: heatmaps[name] for name in args.figure_variants if name in heatmaps}
@@ -352,7 +381,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classifier", default="synthetic-cnn", help="64-px classifier: name or saved path")
     parser.add_argument("--random-init", action="store_true", help="random 64-px classifier (smoke tests)")
     parser.add_argument("--hires-classifier", default=None, help="a saved synthetic-cnn trained at 224 px")
-    parser.add_argument("--readout", default=None, help="a readout bundle for the 64-px classifier")
+    parser.add_argument(
+        "--readout",
+        nargs="*",
+        default=[],
+        help="readout bundles; each is compared in the setting of its classifier (and layer, if one has it)",
+    )
     parser.add_argument("--figure-images", type=int, default=4)
     parser.add_argument(
         "--figure-variants",
@@ -380,14 +414,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.readout is None:
+    if not args.readout:
         print("note: no --readout bundle given: the Readout rows are skipped")
     results = []
-    for setting in settings(args):
+    chosen = settings(args)
+    for setting in chosen:
         if args.only and setting.name not in args.only:
             continue
         print(f"{setting.name}: layer {setting.layer}, {setting.size} px, {args.n} images")
-        results.append(run_setting(setting, args))
+        results.append(run_setting(setting, args, chosen))
     seconds = time.perf_counter() - started
     command = "python -m readout.compare_relevance " + " ".join(argv if argv is not None else _argv())
     (out / "results.md").write_text(markdown(results, command.strip(), seconds))

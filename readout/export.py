@@ -94,6 +94,18 @@ def _read(url: str, name: str) -> bytes:
         raise FileNotFoundError(f"{path} is missing: {url} is not a complete readout bundle") from error
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A bundle's ``readout.json`` (classifier, fingerprint, layer, taps, β, ...), checked for its format."""
+    url = str(path)
+    try:
+        config = json.loads(_read(url, CONFIG_FILE))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{url}/{CONFIG_FILE} is corrupt: {error}") from error
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{url} is not a readout bundle of format {FORMAT} (found {config.get('format')!r})")
+    return config
+
+
 def load(
     path: str | Path, classifier: Classifier | None = None, device: str | torch.device = "cpu"
 ) -> ReadoutBottleneck:
@@ -103,12 +115,7 @@ def load(
     trained on (same fingerprint), else the bundle is refused with a clear error.
     """
     url = str(path)
-    try:
-        config = json.loads(_read(url, CONFIG_FILE))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{url}/{CONFIG_FILE} is corrupt: {error}") from error
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{url} is not a readout bundle of format {FORMAT} (found {config.get('format')!r})")
+    config = read_config(url)
     spec = config["classifier"]
     if classifier is None:
         classifier = load_classifier(
