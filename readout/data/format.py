@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ import fsspec
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 FORMAT = "readout-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -125,6 +127,18 @@ def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return np.array(image.convert("RGB"))
+
+
+def decode_jpegs(data: Sequence[bytes], device: str | torch.device = "cpu") -> list[torch.Tensor]:
+    """Encoded JPEG bytes -> (3, H, W) uint8 RGB tensors on ``device``, decoded as one batch.
+
+    torchvision's ``decode_jpeg`` on a list: on a CUDA device the batch goes through nvJPEG in one
+    call, on the CPU through libjpeg one image after another. Greyscale JPEGs come back as RGB.
+    torchvision deprecates its decoders from 0.29 on (in favour of TorchCodec, not a dependency here),
+    so each call warns; the reader itself decodes with PIL (:func:`decode_image`).
+    """
+    encoded = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in data]
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 def decode_sample(raw: dict[str, Any]) -> ShardSample:

@@ -1,12 +1,24 @@
-"""The sample format: encode then decode gives the sample back; box rasterisation by pixel centres."""
+"""The sample format: encode then decode gives the sample back; box rasterisation by pixel centres;
+the batched JPEG decode gives the pixels the reader's PIL decode gives."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from readout.data.format import SampleError, box_mask, decode_sample, encode_png, encode_sample
+from readout.data.format import (
+    SampleError,
+    box_mask,
+    decode_image,
+    decode_jpegs,
+    decode_sample,
+    encode_png,
+    encode_sample,
+)
 
 
 def test_encode_then_decode_gives_the_sample_back() -> None:
@@ -42,3 +54,38 @@ def test_box_mask_matches_a_pixel_by_pixel_reference() -> None:
                     expected[r, c] = True
     assert torch.equal(box_mask(boxes, height, width), expected)
     assert not box_mask(torch.zeros(0, 4), 3, 3).any()
+
+
+def jpegs() -> list[bytes]:
+    """An RGB and a greyscale JPEG of random content, of different sizes."""
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.integers(0, 256, (24, 40, 3), dtype=np.uint8),
+        rng.integers(0, 256, (17, 9), dtype=np.uint8),
+    ]
+    encoded = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def test_batched_jpeg_decode_on_the_cpu_gives_the_pil_pixels() -> None:
+    data = jpegs()
+    decoded = decode_jpegs(data, "cpu")
+    assert [tuple(image.shape) for image in decoded] == [(3, 24, 40), (3, 17, 9)]
+    for image, item in zip(decoded, data, strict=True):
+        reference = torch.from_numpy(decode_image(item)).permute(2, 0, 1)
+        assert image.dtype == torch.uint8
+        # both are libjpeg builds; allow a rounding step where their versions differ
+        assert (image.int() - reference.int()).abs().max() <= 1
+
+
+@pytest.mark.gpu
+def test_batched_jpeg_decode_on_a_gpu_gives_the_cpu_pixels_nearly() -> None:
+    data = jpegs()
+    for image, reference in zip(decode_jpegs(data, "cuda"), decode_jpegs(data, "cpu"), strict=True):
+        assert image.device.type == "cuda" and image.shape == reference.shape
+        # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a few levels at most
+        assert (image.cpu().float() - reference.float()).abs().mean() < 3
