@@ -249,7 +249,9 @@ BACKBONES: dict[str, BackboneSpec] = {
         std=(0.25, 0.25, 0.25),
         input_size=64,
         per_sample_layer="block1",
-        readout_layer="block1",
+        # stride 4, as resnet50's conv2_3 in the paper's readout (Table 4); on validation images
+        # (seed 11) the demo readout scored box ratio 0.64 here against 0.47 at block1 (stride 2).
+        readout_layer="block2",
         readout_taps=("block1", "block2", "block3", "fc"),
     ),
 }

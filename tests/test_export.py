@@ -37,7 +37,7 @@ def test_export_then_load_gives_identical_heatmaps(trained, tmp_path):
 def test_bundle_holds_no_pickle_and_no_classifier_weights(trained, tmp_path):
     export(trained, tmp_path / "bundle")
     config = json.loads((tmp_path / "bundle" / CONFIG_FILE).read_text())
-    assert config["format"] == "readout-bundle/1" and config["layer"] == "block1"
+    assert config["format"] == "readout-bundle/1" and config["layer"] == trained.layer
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "bundle" / WEIGHTS_FILE)).keys()

@@ -49,11 +49,11 @@ def test_per_sample_maps_written_by_explain_put_60_percent_in_the_box(held_out, 
     assert ratio[valid].mean() >= 0.6
 
 
-def test_shipped_readout_localises_better_than_chance(held_out):
-    # The bar is 0.6; the demo readout (two CPU epochs) measures 0.46 and the README says so.
-    # This guards what it reaches against regressions; random maps score about 0.09-0.15.
+def test_shipped_readout_puts_60_percent_of_the_top_n_pixels_in_the_box(held_out):
+    # The readout issue's bar, on the bundle `make demo` exports (random maps score about 0.09-0.15).
     import readout
 
     attributor = readout.load(BUNDLE)
     ratio, valid = box_ratio(attributor(held_out["image"]), held_out["box_mask"])
-    assert ratio[valid].mean() >= 0.4
+    assert valid.sum() >= 48
+    assert ratio[valid].mean() >= 0.6
