@@ -220,11 +220,11 @@ def run_setting(setting: Setting, args: argparse.Namespace, all_settings: list[S
     base.estimate(statistics_batches(setting.size, args.stats_samples), progress=False)
     variants = tuple(v for v in VARIANTS if args.variants is None or v.name in args.variants)
     rows, explanation, heatmaps = evaluate_base(base, "IBA", batches, variants, width)
-    readout_rows: list[Row] = []
-    for path in readouts_of(setting, args.readout, all_settings):
-        readout = load_readout(path, setting.classifier)
+    readout_groups: list[list[Row]] = []  # per bundle: its upsampled map, then Relevance-Readout
+    for bundle in readouts_of(setting, args.readout, all_settings):
+        readout = load_readout(bundle, setting.classifier)
         if readout is not None:
-            readout_rows, _, _ = evaluate_base(readout, "Readout", batches, variants[:1], width)
+            readout_groups.append(evaluate_base(readout, "Readout", batches, variants[:1], width)[0])
     shown = {name: heatmaps[name] for name in args.figure_variants if name in heatmaps}
     path = Path(args.out) / f"figure-{setting.name}.png"
     figure(setting, batches[0], explanation, shown, path, args.figure_images)
@@ -237,8 +237,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, all_settings: list[S
         "images": n_images,
         "accuracy": accuracy(setting.classifier, batches),
         "boundary_width": width,
-        "rows": [summary(row, rows[0], n_images) for row in rows]
-        + [summary(row, readout_rows[0], n_images) for row in readout_rows],
+        "rows": [summary(row, group[0], n_images) for group in [rows, *readout_groups] for row in group],
     }
 
 
