@@ -3,6 +3,7 @@
 - ``load_classifier(name_or_path)``: a frozen classifier from the registry or a file.
 - ``PerSample(classifier, layer=...)``: the Per-Sample Bottleneck (fitted per image).
 - ``load(bundle)``: a trained Readout Bottleneck, one forward pass per heatmap.
+- ``RelevanceIBA(attributor)``: either one's information propagated to the pixels with LRP (zennit).
 
 Every attributor is called as ``attributor(images in [0, 1], target=None) -> (B, H, W)`` bits per pixel.
 """
@@ -11,5 +12,6 @@ from readout.backbones import load_classifier
 from readout.export import load
 from readout.per_sample import PerSample
 from readout.readout_bottleneck import ReadoutBottleneck
+from readout.relevance import RelevanceIBA
 
-__all__ = ["PerSample", "ReadoutBottleneck", "load", "load_classifier"]
+__all__ = ["PerSample", "ReadoutBottleneck", "RelevanceIBA", "load", "load_classifier"]
