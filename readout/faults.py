@@ -17,6 +17,7 @@ import os
 import posixpath
 import re
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -159,3 +160,41 @@ def peer_failure_message(trainer: pl.Trainer, error: BaseException) -> str:
         f"timeout ({timeout}; set trainer.strategy.init_args.timeout). The checkpoints under "
         f"{trainer.default_root_dir} are whole: run again with --ckpt_path last to resume."
     )
+
+
+#: What Lightning's child-process observer says before it kills the job (see :func:`explain_observer_kills`).
+_observer_advice: dict[str, Any] = {}
+
+
+def explain_observer_kills(trainer: pl.Trainer) -> None:
+    """Makes Lightning's subprocess launcher say why it ends the job, and how to resume.
+
+    With ``--trainer.devices N`` and no cluster launcher, rank 0 starts the other ranks itself and a
+    thread polls them every 5 s: when one has died it SIGKILLs every rank, rank 0 included, often
+    before rank 0 reaches its next collective and prints :func:`peer_failure_message`. This wraps that
+    thread's ``_terminate_all`` (private to lightning_fabric; skipped if it is gone) to print the
+    advice first. torchrun and srun do not use that thread.
+    """
+    from lightning_fabric.strategies.launchers import subprocess_script
+
+    observer = getattr(subprocess_script, "_ChildProcessObserver", None)
+    original = getattr(observer, "_terminate_all", None)
+    _observer_advice.update(world_size=trainer.world_size, root=trainer.default_root_dir)
+    if observer is None or original is None or getattr(original, "explains", False):
+        return
+
+    def terminate_all(self: Any) -> None:
+        dead = ", ".join(
+            f"PID {p.pid} (exit code {p.returncode})" for p in self._child_processes if p.returncode
+        )
+        print(
+            f"rank 0 of {_observer_advice['world_size']} stops: another process of this run died ({dead}); "
+            f"Lightning ends the remaining ones. The checkpoints under {_observer_advice['root']} are "
+            "whole: run again with --ckpt_path last to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        original(self)
+
+    terminate_all.explains = True  # type: ignore[attr-defined]
+    observer._terminate_all = terminate_all  # type: ignore[union-attr]

@@ -34,7 +34,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from readout.checkpointing import CheckpointError, ReadoutCheckpointIO, first_usable, read_checkpoint
 from readout.datamodule import ReadoutDataModule
 from readout.export import export_module
-from readout.faults import BadDataError, BadDataGuard, Preemption, peer_failure_message
+from readout.faults import (
+    BadDataError,
+    BadDataGuard,
+    Preemption,
+    explain_observer_kills,
+    peer_failure_message,
+)
 from readout.lit import ReadoutModule
 
 
@@ -173,6 +179,7 @@ def main(args: list[str] | None = None) -> ReadoutCLI:
     )
     trainer = cli.trainer
     ckpt_path = checkpoint_to_resume(cli.config.ckpt_path, trainer.default_root_dir, cli.model)
+    explain_observer_kills(trainer)
     try:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
