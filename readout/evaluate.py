@@ -68,20 +68,18 @@ from readout.metrics import (
     Localisation,
     Randomisation,
     SensitivityN,
+    correlations_from_drops,
     degradation_curves,
     log_spaced_counts,
     num_tiles,
-    random_tile_masks,
     randomisation_curve,
     randomisation_labels,
     results_dict,
-    tile_sums,
+    sensitivity_drops,
     top1_probability,
 )
-from readout.metrics.chunks import logits_of, map_chunks
+from readout.metrics.chunks import logits_of
 from readout.metrics.randomisation import cascading_randomisation
-from readout.metrics.similarity import pearson
-from readout.metrics.tiles import baseline_images, remove_pixels, tile_index
 
 #: Bump when the meaning of cached states changes: older cache files are then ignored.
 CACHE_VERSION = 1
@@ -243,51 +241,6 @@ class EvalConfig:
             raise ValueError(f"target must be 'label' or 'predicted', got {self.target!r}")
         if self.chunk_size < 1 or self.data.batch_size < 1 or self.plot_images < 0:
             raise ValueError("chunk_size and data.batch_size must be >= 1 and plot_images >= 0")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sensitivity-n with the forward passes shared by all methods
-
-
-def sensitivity_drops(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    tile: int,
-    ns: torch.Tensor,
-    num_masks: int,
-    seed: int,
-    baseline: Any,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward-pass half of :func:`readout.metrics.sensitivity_n_correlations`, which does not
-    depend on the attribution: (masks (N, M, T) bool, logit drops (B, N, M)) for the same tile sets."""
-    batch, _, height, width = images.shape
-    total = num_tiles(height, width, tile)
-    masks = random_tile_masks(ns, total, num_masks, seed).to(images.device)
-    sets = masks.view(-1, total)
-    original = logits_of(model, images, chunk_size).gather(1, targets[:, None])[:, 0]
-    replacement = torch.broadcast_to(baseline_images(images, baseline), images.shape)
-    pixel_tile = tile_index(height, width, tile, images.device)
-
-    def make_inputs(jobs: torch.Tensor) -> torch.Tensor:
-        image, which = jobs // sets.shape[0], jobs % sets.shape[0]
-        return remove_pixels(images[image], sets[which][:, pixel_tile], replacement[image])
-
-    def read_outputs(logits: torch.Tensor, jobs: torch.Tensor) -> torch.Tensor:
-        return logits.gather(1, targets[jobs // sets.shape[0], None])[:, 0]
-
-    masked = map_chunks(model, batch * sets.shape[0], make_inputs, read_outputs, chunk_size, images.device)
-    return masks, original[:, None, None] - masked.view(batch, *masks.shape[:2])
-
-
-def sensitivity_correlations(
-    attributions: torch.Tensor, tile: int, masks: torch.Tensor, drops: torch.Tensor
-) -> torch.Tensor:
-    """The attribution half: eq. 16 per image, (B, N), from :func:`sensitivity_drops`' outputs."""
-    attributions = attributions.detach().to(drops.device)
-    removed = torch.einsum("bt,nmt->bnm", tile_sums(attributions, tile), masks.to(attributions.dtype))
-    return pearson(removed, drops.to(removed.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -701,7 +654,7 @@ class Evaluation:
                 )
                 metrics.metrics[f"degradation-{tile}"].update(morf, lerf, batch.top1)
         if batch.drops is not None and batch.masks is not None:
-            correlations = sensitivity_correlations(
+            correlations = correlations_from_drops(
                 maps[batch.sensitivity], self.config.sensitivity.tile, batch.masks, batch.drops
             )
             metrics.metrics["sensitivity"].update(correlations)

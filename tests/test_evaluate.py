@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from readout.backbones import load_classifier, save_classifier
-from readout.data.synthetic import synthetic_batch
 from readout.evaluate import (
     Evaluation,
     compute_results,
@@ -18,10 +17,7 @@ from readout.evaluate import (
     in_subset,
     main,
     parse_config,
-    sensitivity_correlations,
-    sensitivity_drops,
 )
-from readout.metrics import log_spaced_counts, sensitivity_n_correlations
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml"))
 
@@ -67,17 +63,6 @@ METHODS = (
     "[{name: Saliency, method: saliency}, {name: Occlusion-32, method: occlusion, options: {window: 32}},"
     " {name: Grad-CAM, method: grad-cam}, {name: Random, method: random}]"
 )
-
-
-def test_sensitivity_with_shared_forward_passes_equals_the_metric():
-    torch.manual_seed(0)
-    model = load_classifier("synthetic-cnn", weights=None)
-    batch = synthetic_batch(3, 64, seed=3)
-    maps = torch.rand(3, 64, 64)
-    ns = log_spaced_counts(16, 4)
-    _, expected = sensitivity_n_correlations(model, batch["image"], maps, batch["label"], 16, ns, 6, seed=2)
-    masks, drops = sensitivity_drops(model, batch["image"], batch["label"], 16, ns, 6, 2, "zero", 64)
-    torch.testing.assert_close(sensitivity_correlations(maps, 16, masks, drops), expected, equal_nan=True)
 
 
 def test_subsets_depend_on_the_key_alone():

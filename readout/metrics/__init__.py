@@ -46,8 +46,10 @@ from readout.metrics.randomisation import (
 )
 from readout.metrics.sensitivity import (
     SensitivityN,
+    correlations_from_drops,
     log_spaced_counts,
     random_tile_masks,
+    sensitivity_drops,
     sensitivity_n,
     sensitivity_n_correlations,
 )
@@ -68,6 +70,7 @@ __all__ = [
     "boundary_sharpness",
     "box_ratio",
     "cascading_randomisation",
+    "correlations_from_drops",
     "coverage",
     "degradation_curves",
     "degradation_score",
@@ -84,6 +87,7 @@ __all__ = [
     "reinitialise",
     "results_dict",
     "scaled_degradation",
+    "sensitivity_drops",
     "sensitivity_n",
     "sensitivity_n_correlations",
     "spearman",

@@ -62,29 +62,25 @@ def random_tile_masks(ns: torch.Tensor, num_tiles: int, num_masks: int, seed: in
     return torch.stack(masks)
 
 
-def sensitivity_n_correlations(
+def sensitivity_drops(
     model: nn.Module,
     images: torch.Tensor,
-    attributions: torch.Tensor,
     targets: torch.Tensor | None,
     tile: int,
-    ns: torch.Tensor | None = None,
+    ns: torch.Tensor,
     num_masks: int = 100,
     seed: int = 0,
     baseline: Baseline = "zero",
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 16 per image: returns (ns (N,) long, correlations (B, N)).
+    """The forward-pass half of eq. 16, which does not depend on the attribution, so that several
+    methods can share it: (masks (N, M, T) bool, target-logit drops (B, N, M)).
 
-    images (B, 3, H, W) in [0, 1]; attributions (B, H, W); targets (B,) or None for the predicted
-    class; tile: tile side in px; ns: tile counts (default :func:`log_spaced_counts`). Runs
-    N * num_masks forward passes per image, ``chunk_size`` images each.
+    images (B, 3, H, W) in [0, 1]; targets (B,) or None for the predicted class; tile: tile side in
+    px; ns: tile counts. Runs N * num_masks forward passes per image, ``chunk_size`` images each.
     """
-    check_maps(images, attributions)
-    attributions = attributions.detach().to(images.device)
     batch, _, height, width = images.shape
     total = num_tiles(height, width, tile)
-    ns = log_spaced_counts(total) if ns is None else torch.as_tensor(ns, dtype=torch.long)
     masks = random_tile_masks(ns, total, num_masks, seed).to(images.device)
     sets = masks.view(-1, total)  # (N * M, T)
     logits = logits_of(model, images, chunk_size)
@@ -101,9 +97,43 @@ def sensitivity_n_correlations(
         return logits.gather(1, targets[jobs // sets.shape[0], None])[:, 0]
 
     masked = map_chunks(model, batch * sets.shape[0], make_inputs, read_outputs, chunk_size, images.device)
-    drops = original[:, None, None] - masked.view(batch, *masks.shape[:2])  # (B, N, M)
-    removed_mass = torch.einsum("bt,nmt->bnm", tile_sums(attributions, tile), masks.to(attributions.dtype))
-    return ns, pearson(removed_mass, drops.to(removed_mass.dtype))
+    return masks, original[:, None, None] - masked.view(batch, *masks.shape[:2])
+
+
+def correlations_from_drops(
+    attributions: torch.Tensor, tile: int, masks: torch.Tensor, drops: torch.Tensor
+) -> torch.Tensor:
+    """The attribution half of eq. 16: (B, N) Pearson correlations over the M sets, per image and n,
+    between the attribution summed over each removed set and the logit drop of
+    :func:`sensitivity_drops`."""
+    attributions = attributions.detach().to(drops.device)
+    removed = torch.einsum("bt,nmt->bnm", tile_sums(attributions, tile), masks.to(attributions.dtype))
+    return pearson(removed, drops.to(removed.dtype))
+
+
+def sensitivity_n_correlations(
+    model: nn.Module,
+    images: torch.Tensor,
+    attributions: torch.Tensor,
+    targets: torch.Tensor | None,
+    tile: int,
+    ns: torch.Tensor | None = None,
+    num_masks: int = 100,
+    seed: int = 0,
+    baseline: Baseline = "zero",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 16 per image: returns (ns (N,) long, correlations (B, N)).
+
+    Arguments as :func:`sensitivity_drops`; attributions (B, H, W); ns defaults to
+    :func:`log_spaced_counts`.
+    """
+    check_maps(images, attributions)
+    _, _, height, width = images.shape
+    total = num_tiles(height, width, tile)
+    ns = log_spaced_counts(total) if ns is None else torch.as_tensor(ns, dtype=torch.long)
+    masks, drops = sensitivity_drops(model, images, targets, tile, ns, num_masks, seed, baseline, chunk_size)
+    return ns, correlations_from_drops(attributions, tile, masks, drops)
 
 
 def sensitivity_n(

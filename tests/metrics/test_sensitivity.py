@@ -5,8 +5,10 @@ import torch
 
 from readout.metrics import (
     SensitivityN,
+    correlations_from_drops,
     log_spaced_counts,
     random_tile_masks,
+    sensitivity_drops,
     sensitivity_n,
     sensitivity_n_correlations,
 )
@@ -67,6 +69,20 @@ def test_correlations_match_the_slow_reference(model, images):
     expected = slow_correlations(model, images, attributions, targets, 4, masks)
     assert got_ns.tolist() == [1, 4, 9] and correlations.shape == (3, 3)
     torch.testing.assert_close(correlations, expected, rtol=0, atol=1e-10)
+
+
+def test_drops_shared_by_several_maps_match_the_slow_reference_for_the_predicted_class(model, images):
+    # The evaluation harness runs the forward passes once and scores every method's map against them.
+    ns = torch.tensor([2, 5])
+    masks, drops = sensitivity_drops(model, images, None, tile=4, ns=ns, num_masks=4, seed=3, chunk_size=7)
+    assert torch.equal(masks, random_tile_masks(ns, 16, 4, seed=3)) and drops.shape == (3, 2, 4)
+    predicted = model(images).argmax(dim=1)
+    generator = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        attributions = torch.randn(len(images), SIZE, SIZE, generator=generator).double()
+        expected = slow_correlations(model, images, attributions, predicted, 4, masks)
+        got = correlations_from_drops(attributions, 4, masks, drops)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
 def test_exact_attribution_correlates_perfectly(model, images):
