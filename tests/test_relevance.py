@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from test_lrp import randomised_classifier
@@ -45,13 +47,16 @@ def fixed(classifier):
     return FixedBottleneck(classifier, "block1")
 
 
-def test_batch_equals_images_one_by_one(fixed, images):
-    attributor = RelevanceIBA(fixed)
+def test_batch_equals_images_one_by_one(classifier, images):
+    # In float64: in float32 the convolutions round differently per batch size (1e-6), and the Sum rule
+    # at the residual, a / (a + b), magnifies that where a + b nearly cancels, by more than any fixed
+    # tolerance on some CPUs (0.23 of a maximum of 34 seen on one). The property is batch independence.
+    attributor = RelevanceIBA(FixedBottleneck(copy.deepcopy(classifier), "block1").double())
+    images = images.double()
     together = attributor(images)
     alone = torch.cat([attributor(images[i : i + 1]) for i in range(len(images))])
-    # Not bit-equal: the convolutions round differently per batch size (1e-6) and the Sum rule at the
-    # residual, a / (a + b), magnifies that where a + b nearly cancels. In float64 they agree exactly.
-    torch.testing.assert_close(together, alone, rtol=0, atol=2e-3 * together.abs().max().item())
+    assert together.dtype == torch.float64 and together.abs().max() > 0
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-9 * together.abs().max().item())
 
 
 def test_per_sample_explanation_conserves_the_information(classifier, images):
