@@ -10,6 +10,7 @@ given by ``--val-labels`` whose lines are ``<label>`` (line i is ``ILSVRC2012_va
 first token; default: the sorted wnids) counted from ``--label-base``. The official devkit file
 ``ILSVRC2012_validation_ground_truth.txt`` therefore needs ``--synsets <devkit order> --label-base 1``.
 The class index is always the position in the sorted wnids (torchvision's: tench n01440764 = 0).
+A label that is neither a wnid nor an integer in range is an error naming the file and the line.
 
 Boxes: ``--boxes DIR`` holds PASCAL VOC XMLs as ``DIR/<wnid>/<stem>.xml`` or ``DIR/<stem>.xml``; a box
 ``xmin..xmax`` (inclusive pixel indices) becomes ``[xmin, xmax + 1)``, scaled to the stored image.
@@ -93,7 +94,8 @@ def class_list(root: Path, synsets: Path | None = None) -> list[str]:
         if folders:
             return folders
     raise ValueError(
-        f"cannot tell the classes of {root}: no ROOT/train/<wnid>/ folders and no --synsets file"
+        f"cannot tell the classes of {root}: no ROOT/train/<wnid>/ or ROOT/val/<wnid>/ folders "
+        "(a wnid is n and 8 digits, e.g. n01440764) and no --synsets file"
     )
 
 
@@ -115,7 +117,7 @@ def list_files(
     """
     directory = root / split
     if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} does not exist (expected ROOT/{split}/)")
+        raise FileNotFoundError(f"{directory} does not exist (expected ROOT/{split}/ under --root {root})")
     index = {wnid: i for i, wnid in enumerate(classes)}
     folders = [p for p in directory.iterdir() if p.is_dir() and WNID.match(p.name)]
     if folders:
@@ -170,13 +172,38 @@ def _read_labels(
                     if w == tokens[0]
                 ]
         return labels, boxes
-    for number, line in enumerate((ln for ln in path.read_text().splitlines() if ln.strip()), start=1):
+    count = 0  # non-blank lines so far: a one-token line i names ILSVRC2012_val_<i:08d>
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         parts = line.split()
+        if not parts:
+            continue
+        count += 1
         stem, label = (
-            (Path(parts[0]).stem, parts[1]) if len(parts) > 1 else (f"ILSVRC2012_val_{number:08d}", parts[0])
+            (Path(parts[0]).stem, parts[1]) if len(parts) > 1 else (f"ILSVRC2012_val_{count:08d}", parts[0])
         )
-        labels[stem] = label if WNID.match(label) else order[int(label) - label_base]
+        labels[stem] = (
+            label if WNID.match(label) else _synset_at(label, order, label_base, f"{path}, line {number}")
+        )
     return labels, boxes
+
+
+def _synset_at(label: str, order: list[str], label_base: int, where: str) -> str:
+    """The wnid of an integer label counted from ``label_base``, else a ValueError naming ``where``.
+
+    where: "FILE, line N" of the label, for the message. Checked because a label below the base would
+    otherwise index ``order`` from its end and silently pick the wrong class.
+    """
+    valid = f"a wnid or an integer in [{label_base}, {label_base + len(order) - 1}]"
+    try:
+        index = int(label) - label_base
+    except ValueError:
+        raise ValueError(f"{where}: label {label!r} is not {valid}") from None
+    if not 0 <= index < len(order):
+        raise ValueError(
+            f"{where}: label {label} is out of range: expected {valid} "
+            f"({len(order)} synsets counted from --label-base {label_base})"
+        )
+    return order[index]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -363,7 +390,10 @@ def convert(
     labels_path = Path(val_labels) if val_labels is not None else None
     files, skipped, csv_boxes = list_files(root, split, classes, labels_path, synsets_path, label_base)
     if not files:
-        raise ValueError(f"no image files found under {root / split}")
+        left_out = (
+            f"; {len(skipped)} left out, e.g. {skipped[0]['file']}: {skipped[0]['reason']}" if skipped else ""
+        )
+        raise ValueError(f"no image files found under {root / split}{left_out}")
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     plan = plan_shards(files, max_shard_bytes, max_shard_count, seed)
     jobs = [

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +168,133 @@ def test_cli_with_a_devkit_style_label_file(ilsvrc: Path, tmp_path: Path) -> Non
     assert manifest["per_class"] == {WNIDS[1]: 1, WNIDS[2]: 1}
     labels = {k: s["label"].item() for k, s in _read_all(out).items()}
     assert labels == {"ILSVRC2012_val_00000001": 2, "ILSVRC2012_val_00000002": 1}
+
+
+@pytest.mark.parametrize(
+    ("lines", "label_base", "message"),
+    [
+        ("1\nseven\n", 0, "line 2: label 'seven' is not a wnid or an integer in [0, 2]"),
+        ("1\n0\n", 1, "line 2: label 0 is out of range: expected a wnid or an integer in [1, 3]"),
+        ("1\n\n4\n", 1, "line 3: label 4 is out of range"),  # blank lines keep their number
+        ("-1\n", 0, "line 1: label -1 is out of range"),
+    ],
+    ids=["not-an-integer", "below-the-base", "above-the-last", "negative"],
+)
+def test_a_bad_integer_label_names_the_file_the_line_and_the_valid_range(
+    ilsvrc: Path, tmp_path: Path, lines: str, label_base: int, message: str
+) -> None:
+    # A label below the base once indexed the class list from its end: 0 with base 1 became the last.
+    (ilsvrc / "LOC_val_solution.csv").unlink()
+    truth = tmp_path / "truth.txt"
+    truth.write_text(lines)
+    with pytest.raises(ValueError) as error:
+        imagenet.convert(
+            ilsvrc, "val", tmp_path / "val", val_labels=truth, label_base=label_base, progress=False
+        )
+    assert f"{truth}, {message}" in str(error.value)
+    assert not (tmp_path / "val").exists()  # refused before anything is written
+
+
+def _no_class_folders(root: Path) -> None:
+    shutil.rmtree(root / "train")
+
+
+def _no_val(root: Path) -> None:
+    shutil.rmtree(root / "val")
+
+
+def _no_val_labels(root: Path) -> None:
+    (root / "LOC_val_solution.csv").unlink()
+
+
+def _empty_class_folders(root: Path) -> None:
+    for folder in (root / "train").iterdir():
+        shutil.rmtree(folder)
+        folder.mkdir()
+
+
+def _labels_for_other_files(root: Path) -> None:
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nother,n01440764 0 0 9 9\n")
+
+
+@pytest.mark.parametrize(
+    ("damage", "split", "error", "message"),
+    [
+        (_no_class_folders, "val", ValueError,
+         r"cannot tell the classes of .*ilsvrc: no ROOT/train/<wnid>/ or ROOT/val/<wnid>/ folders "
+         r"\(a wnid is n and 8 digits, e.g. n01440764\) and no --synsets file"),
+        (_no_val, "val", FileNotFoundError, r"ilsvrc/val does not exist \(expected ROOT/val/ under --root "),
+        (_no_val_labels, "val", FileNotFoundError,
+         r"ilsvrc/val has no <wnid>/ folders; give --val-labels \(or put LOC_val_solution.csv in ROOT\)"),
+        (_empty_class_folders, "train", ValueError, r"no image files found under .*ilsvrc/train$"),
+        (_labels_for_other_files, "val", ValueError,
+         r"no image files found under .*ilsvrc/val; 2 left out, e.g. val/ILSVRC2012_val_00000001.JPEG: "
+         r"no label in LOC_val_solution.csv"),
+    ],
+    ids=["no-classes", "no-split-folder", "flat-val-without-labels", "no-images", "no-labelled-images"],
+)  # fmt: skip
+def test_bad_input_folders_are_clear_errors(
+    ilsvrc: Path, tmp_path: Path, damage: Callable[[Path], None], split: str, error: type, message: str
+) -> None:
+    damage(ilsvrc)
+    with pytest.raises(error, match=message):
+        imagenet.convert(ilsvrc, split, tmp_path / "out", progress=False)
+
+
+def _members(tar: Path) -> list[str]:
+    with tarfile.open(tar) as archive:
+        return archive.getnames()
+
+
+def test_shards_stay_under_max_shard_bytes_but_an_oversized_file_gets_its_own(
+    ilsvrc: Path, tmp_path: Path
+) -> None:
+    big = ilsvrc / "train" / WNIDS[2] / f"{WNIDS[2]}_big.JPEG"
+    big.write_bytes(_encode(_rgb(7, (240, 180))))
+    bound = 3 * (len(_encode(_rgb(0))) + imagenet._TAR_OVERHEAD)  # about 3 small files
+    assert big.stat().st_size > bound
+    out = tmp_path / "shards"
+    manifest = imagenet.convert(ilsvrc, "train", out, max_shard_bytes=bound, progress=False)
+    source = {
+        path.stem: path.stat().st_size
+        for path in (ilsvrc / "train").rglob("*.JPEG")
+        if "garbage" not in path.name
+    }
+    verbatim = 0
+    for shard in manifest.shards:
+        keys = {name.split(".")[0] for name in _members(out / shard.name)}
+        planned = sum(source[key] + imagenet._TAR_OVERHEAD for key in keys)
+        # The documented bound is on source bytes (plus a per-sample tar allowance); one file alone
+        # may exceed it, and only then.
+        assert planned <= bound or keys == {big.stem}, (shard.name, keys)
+        if not any(odd in key for key in keys for odd in ("gray", "cmyk", "png")):
+            # Stored byte for byte, a shard on disk holds no more than its plan, the 1024 zero bytes
+            # that end a tar, and the padding to whole tar records: the allowance covers the headers
+            # and the cls/json members. (Re-encoded files may grow: the bound is on source bytes.)
+            records = -(-(planned + 1024) // tarfile.RECORDSIZE)
+            assert (out / shard.name).stat().st_size <= records * tarfile.RECORDSIZE
+            verbatim += 1
+    assert verbatim >= 2
+    members = [set(_members(out / s.name)) for s in manifest.shards]
+    assert {f"{big.stem}.{m}" for m in ("cls", "jpg", "json")} in members  # alone in its shard
+    assert any(len(m) == 3 * 3 for m in members)  # three small files do share one
+    assert manifest.samples == 13
+
+
+def test_val_in_wnid_folders_takes_labels_from_the_folders(ilsvrc: Path, tmp_path: Path) -> None:
+    shutil.rmtree(ilsvrc / "val")
+    (ilsvrc / "LOC_val_solution.csv").unlink()
+    for c, wnid in [(0, WNIDS[2]), (1, WNIDS[0]), (2, WNIDS[0]), (3, "n09999999")]:
+        folder = ilsvrc / "val" / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"ILSVRC2012_val_{c:08d}.JPEG").write_bytes(_encode(_rgb(200 + c)))
+    manifest = imagenet.convert(ilsvrc, "val", tmp_path / "val", progress=False)
+    assert manifest.classes == WNIDS  # from ROOT/train, not from the val folders
+    assert manifest.per_class == {WNIDS[0]: 2, WNIDS[2]: 1}
+    assert manifest.skipped == [{"file": "val/n09999999", "reason": "unknown wnid"}]
+    labels = {k: s["label"].item() for k, s in _read_all(tmp_path / "val").items()}
+    assert labels == {
+        "ILSVRC2012_val_00000000": 2,
+        "ILSVRC2012_val_00000001": 0,
+        "ILSVRC2012_val_00000002": 0,
+    }
