@@ -278,10 +278,11 @@ def _resolve_torchvision_weights(
         if not path.is_file():
             raise FileNotFoundError(f"weights_path {path} for {name!r} does not exist")
         return torch.load(path, map_location="cpu", weights_only=True)
-    entry = getattr(spec.weights_enum, weights, None)
+    # __members__, not getattr: getattr would also accept the enum's methods ("verify") as entries.
+    entry = spec.weights_enum.__members__.get(weights)
     if entry is None:
-        valid = [w.name for w in spec.weights_enum]
-        raise ValueError(f"unknown weights {weights!r} for {name!r}; valid: {valid} or null for random init")
+        valid = ", ".join(spec.weights_enum.__members__)
+        raise ValueError(f"unknown weights {weights!r} for {name!r}; valid: {valid}, or null for random init")
     filename = Path(entry.url).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if not cached.is_file():
@@ -305,12 +306,16 @@ def load_classifier(
     For the torchvision models, ``weights`` names a weight enum entry that must already lie in the
     torch hub cache (or pass ``weights_path``); ``weights=None`` gives random init for smoke tests.
     ``synthetic-cnn`` loads the weights shipped under ``checkpoints/`` unless ``weights`` is None.
+    ``weights_path`` with ``weights=None``, or for a classifier without torchvision weights, is an
+    error: the file would otherwise be silently ignored.
     """
     if name_or_path == "synthetic-cnn":
+        _check_weights_path(name_or_path, weights, weights_path)
         if weights is None:
             return _assemble("synthetic-cnn", None, num_classes=6)
         return load_saved_classifier(CHECKPOINT_DIR / "synthetic-cnn.safetensors")
     if name_or_path in BACKBONES:
+        _check_weights_path(name_or_path, weights, weights_path)
         spec = BACKBONES[name_or_path]
         state = _resolve_torchvision_weights(name_or_path, spec, weights, weights_path)
         classifier = _assemble(name_or_path, None)
@@ -319,10 +324,29 @@ def load_classifier(
         return classifier
     path = Path(name_or_path)
     if path.suffix in {".safetensors", ".json"} or path.exists():
+        _check_weights_path(name_or_path, weights, weights_path)
         return load_saved_classifier(path)
     raise KeyError(
         f"unknown classifier {name_or_path!r}: not a registered name ({', '.join(BACKBONES)}) nor a file"
     )
+
+
+def _check_weights_path(name_or_path: str, weights: str | None, weights_path: str | None) -> None:
+    """Refuses a ``weights_path`` that :func:`load_classifier` would not load; ``name_or_path`` is known."""
+    if weights_path is None:
+        return
+    spec = BACKBONES.get(name_or_path)
+    if spec is None or spec.weights_enum is None:
+        takes = ", ".join(name for name, entry in BACKBONES.items() if entry.weights_enum is not None)
+        raise ValueError(
+            f"weights_path={weights_path!r} was given for {name_or_path!r}, which loads its own weights; "
+            f"weights_path is only for {takes}: drop it"
+        )
+    if weights is None:
+        raise ValueError(
+            f"weights=None (random init) contradicts weights_path={weights_path!r} for {name_or_path!r}: "
+            "drop weights_path for random init, or set weights (e.g. 'IMAGENET1K_V1') to load the file"
+        )
 
 
 def _assemble(
@@ -347,6 +371,10 @@ def _to_stage_keys(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch
     return stages.state_dict()
 
 
+_META_FORMAT = "readout-classifier/1"
+_META_FIELDS = ("architecture", "classes", "input_size", "normalisation")
+
+
 def save_classifier(classifier: Classifier, path: str | Path, metadata: dict[str, Any]) -> None:
     """Writes ``path`` (.safetensors, stage weights) and ``path.json`` (architecture and metadata)."""
     from safetensors.torch import save_file
@@ -356,7 +384,7 @@ def save_classifier(classifier: Classifier, path: str | Path, metadata: dict[str
     state = {k: v.contiguous() for k, v in classifier.stages.state_dict().items()}
     save_file(state, str(path))
     meta = {
-        "format": "readout-classifier/1",
+        "format": _META_FORMAT,
         "architecture": classifier.name,
         "classes": classifier.classes,
         "input_size": classifier.input_size,
@@ -377,10 +405,11 @@ def load_saved_classifier(path: str | Path) -> Classifier:
     meta_path = path.with_suffix(".json")
     for needed in (path, meta_path):
         if not needed.is_file():
-            raise FileNotFoundError(f"classifier file {needed} is missing")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "readout-classifier/1":
-        raise ValueError(f"{meta_path} is not a readout classifier (format {meta.get('format')!r})")
+            raise FileNotFoundError(
+                f"classifier file {needed} is missing: a saved classifier is {path.name} with "
+                f"{meta_path.name} beside it, as save_classifier writes them"
+            )
+    meta = _read_classifier_meta(meta_path)
     classifier = _assemble(
         meta["architecture"], None, num_classes=len(meta["classes"]), classes=meta["classes"]
     )
@@ -393,3 +422,25 @@ def load_saved_classifier(path: str | Path) -> Classifier:
     classifier.std.copy_(torch.tensor(norm["std"]).view(1, -1, 1, 1))
     classifier.input_size = int(meta["input_size"])
     return classifier
+
+
+def _read_classifier_meta(meta_path: Path) -> dict[str, Any]:
+    """The JSON beside a saved classifier, checked: its format, its fields and a registered architecture."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path} is not valid JSON: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(
+            f"{meta_path} is not a readout classifier: format {found!r}, expected {_META_FORMAT!r}"
+        )
+    missing = [name for name in _META_FIELDS if name not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the field(s) {', '.join(missing)}")
+    if meta["architecture"] not in BACKBONES:
+        raise ValueError(
+            f"{meta_path}: architecture {meta['architecture']!r} is not registered; "
+            f"registered: {', '.join(BACKBONES)}"
+        )
+    return meta

@@ -144,7 +144,8 @@ def evaluate_command(config: TrainConfig) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> float:
+    """Runs the CLI; returns the measured top-1 in [0, 1] (and exits 1 below ``--min-accuracy``)."""
     parser = argparse.ArgumentParser(
         prog="python -m readout.train_classifier", description=__doc__.split("\n")[0]
     )
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"saved {config.out}.safetensors and .json; training took {timing}")
     if accuracy < args.min_accuracy:
         sys.exit(1)
+    return accuracy
 
 
 if __name__ == "__main__":

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torchvision import models
 
 from readout.backbones import (
     BACKBONES,
     CHECKPOINT_DIR,
+    Classifier,
     load_classifier,
     load_saved_classifier,
     save_classifier,
+    tap_info,
 )
-from readout.train_classifier import evaluate, main
+from readout.taps import tap_module
+from readout.train_classifier import evaluate
 
 
 def test_an_unknown_classifier_name_lists_the_registered_ones() -> None:
@@ -107,26 +112,196 @@ def test_the_shipped_synthetic_cnn_scores_at_least_95_percent_on_an_unseen_seed(
     assert evaluate(classifier, 512, 64, seed=unseen) >= 0.95
 
 
-def test_the_training_cli_writes_weights_and_metadata_that_load(tmp_path: Path) -> None:
-    out = tmp_path / "tiny-cnn"
-    main(["--out", str(out), "--n-train", "64", "--epochs", "1", "--batch-size", "32", "--size", "32"]
-         + ["--n-eval", "16", "--min-accuracy", "0"])  # fmt: skip
-    meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["architecture"] == "synthetic-cnn" and meta["input_size"] == 32
-    assert meta["training"]["command"].startswith("python -m readout.train_classifier --out")
-    assert "--evaluate-only" in meta["evaluation"]["command"] and 0 <= meta["evaluation"]["top1"] <= 1
-    loaded = load_classifier(str(out.with_suffix(".safetensors")))
-    assert evaluate(loaded, 16, 32, seed=meta["evaluation"]["seed"]) == meta["evaluation"]["top1"]
+def test_weights_from_the_torch_hub_cache_are_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.hub.get_dir() is $TORCH_HOME/hub; torchvision caches weights there under checkpoints/.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    reference = models.resnet50(weights=None).eval()
+    cached = tmp_path / "hub" / "checkpoints" / Path(models.ResNet50_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    classifier = load_classifier("resnet50", weights="IMAGENET1K_V1")
+    assert torch.equal(classifier.stages[0].weight, reference.conv1.weight)
+    assert torch.equal(classifier.stages[-1].weight, reference.fc.weight)
+    assert torch.equal(classifier.stages[4].bn2.running_var, reference.layer1[0].bn2.running_var)
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # nothing downloaded beside it
 
 
-def test_training_from_init_starts_at_the_saved_weights(tmp_path: Path) -> None:
-    # A vanishing learning rate leaves the convolutions where they started: at the init's weights.
-    shipped = load_classifier("synthetic-cnn")
-    out = tmp_path / "fine-tuned"
-    main(["--out", str(out), "--init", str(CHECKPOINT_DIR / "synthetic-cnn"), "--n-train", "32"]
-         + ["--epochs", "1", "--batch-size", "32", "--size", "32", "--lr", "1e-12", "--n-eval", "8"]
-         + ["--min-accuracy", "0"])  # fmt: skip
-    tuned = load_classifier(str(out.with_suffix(".safetensors"))).stages.state_dict()
-    for key, value in shipped.stages.state_dict().items():
-        if key.endswith(".weight") and value.dim() == 4:
-            torch.testing.assert_close(tuned[key], value, rtol=0, atol=1e-6)
+def _saved(tmp_path: Path, change: Callable[[dict], object] | None = None) -> Path:
+    """A saved synthetic-cnn whose JSON is edited by ``change`` (which may return new JSON text)."""
+    save_classifier(load_classifier("synthetic-cnn", weights=None), tmp_path / "saved", {})
+    meta_path = tmp_path / "saved.json"
+    if change is not None:
+        meta = json.loads(meta_path.read_text())
+        text = change(meta)
+        meta_path.write_text(text if isinstance(text, str) else json.dumps(meta))
+    return tmp_path / "saved.safetensors"
+
+
+def _without_json(tmp_path: Path) -> Path:
+    path = _saved(tmp_path)
+    path.with_suffix(".json").unlink()
+    return path
+
+
+BAD_LOADS: dict[str, tuple[Callable[[Path], Callable[[], object]], type, str]] = {
+    "missing-weights-path": (
+        lambda tmp: lambda: load_classifier("resnet50", weights_path=str(tmp / "nope.pth")),
+        FileNotFoundError,
+        "weights_path {tmp}/nope.pth for 'resnet50' does not exist",
+    ),
+    "weights-none-with-a-path": (
+        lambda tmp: lambda: load_classifier("vgg16", weights=None, weights_path=str(tmp / "w.pth")),
+        ValueError,
+        "weights=None (random init) contradicts weights_path='{tmp}/w.pth' for 'vgg16': drop weights_path "
+        "for random init, or set weights (e.g. 'IMAGENET1K_V1') to load the file",
+    ),
+    "weights-path-for-synthetic-cnn": (
+        lambda tmp: lambda: load_classifier("synthetic-cnn", weights_path=str(tmp / "w.pth")),
+        ValueError,
+        "weights_path='{tmp}/w.pth' was given for 'synthetic-cnn', which loads its own weights; "
+        "weights_path is only for resnet50, vgg16: drop it",
+    ),
+    "weights-path-for-a-saved-classifier": (
+        lambda tmp: lambda: load_classifier(str(_saved(tmp)), weights_path=str(tmp / "w.pth")),
+        ValueError,
+        "weights_path='{tmp}/w.pth' was given for '{tmp}/saved.safetensors', which loads its own weights",
+    ),
+    "weights-path-for-an-unknown-name": (
+        lambda tmp: lambda: load_classifier("resnet51", weights_path=str(tmp / "w.pth")),
+        KeyError,
+        "unknown classifier 'resnet51': not a registered name (resnet50, vgg16, synthetic-cnn) nor a file",
+    ),
+    "unknown-weights-entry": (
+        lambda tmp: lambda: load_classifier("vgg16", weights="IMAGENET1K_V9"),
+        ValueError,
+        "unknown weights 'IMAGENET1K_V9' for 'vgg16'; valid: IMAGENET1K_V1, IMAGENET1K_FEATURES, DEFAULT, "
+        "or null for random init",
+    ),
+    "an-enum-method-is-no-weights-entry": (
+        lambda tmp: lambda: load_classifier("resnet50", weights="verify"),
+        ValueError,
+        "unknown weights 'verify' for 'resnet50'; valid: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT",
+    ),
+    "saved-json-missing": (
+        lambda tmp: lambda: load_classifier(str(_without_json(tmp))),
+        FileNotFoundError,
+        "classifier file {tmp}/saved.json is missing: a saved classifier is saved.safetensors with "
+        "saved.json beside it, as save_classifier writes them",
+    ),
+    "saved-json-not-json": (
+        lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: "{"))),
+        ValueError,
+        "{tmp}/saved.json is not valid JSON",
+    ),
+    "saved-json-wrong-format": (
+        lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(format="other/2")))),
+        ValueError,
+        "{tmp}/saved.json is not a readout classifier: format 'other/2', expected 'readout-classifier/1'",
+    ),
+    "saved-json-lacks-a-field": (
+        lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: meta.pop("input_size")))),
+        ValueError,
+        "{tmp}/saved.json lacks the field(s) input_size",
+    ),
+    "saved-unknown-architecture": (
+        lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(architecture="vit")))),
+        ValueError,
+        "{tmp}/saved.json: architecture 'vit' is not registered; registered: resnet50, vgg16, synthetic-cnn",
+    ),
+    "saved-architecture-mismatch": (
+        lambda tmp: (
+            lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(architecture="resnet50"))))
+        ),
+        ValueError,
+        "{tmp}/saved.safetensors does not match architecture 'resnet50': Error(s) in loading state_dict",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LOADS))
+def test_bad_weights_and_saved_classifiers_are_clear_errors(case: str, tmp_path: Path) -> None:
+    make_call, error, message = BAD_LOADS[case]
+    call = make_call(tmp_path)
+    with pytest.raises(error) as raised:
+        call()
+    assert message.format(tmp=tmp_path) in str(raised.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Taps: the paper's names (Tables 3 and 4) on the torchvision modules they mean.
+
+
+@pytest.fixture(scope="module")
+def wrapped() -> Iterator[dict[str, tuple[Classifier, nn.Module]]]:
+    """resnet50 and vgg16 (random init) built around torchvision models held here: they share modules."""
+    torch.manual_seed(0)
+    references = {
+        "resnet50": models.resnet50(weights=None).eval(),
+        "vgg16": models.vgg16(weights=None).eval(),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, reference in references.items():
+            patch.setattr(models, name, lambda weights=None, reference=reference: reference)
+        yield {name: (load_classifier(name, weights=None), ref) for name, ref in references.items()}
+
+
+def _resnet50_modules(model: nn.Module) -> dict[str, nn.Module]:
+    # He et al. (2016), Table 1: conv2_x is layer1, ...; conv<s>_<b> is block b of stage s, counted from 1.
+    return {"conv2_3": model.layer1[2], "conv3_4": model.layer2[3], "conv4_6": model.layer3[5],
+            "conv5_3": model.layer4[2], "fc": model.fc}  # fmt: skip
+
+
+def _vgg16_modules(model: nn.Module) -> dict[str, nn.Module]:
+    # torchvision's vgg16.features: conv3_1 = [10], conv4_1 = [17], conv5_1 = [24], conv5_3 = [28].
+    # The tap is the convolution's output, before its ReLU, as the IBA reference code's features.17.
+    features = model.features
+    return {"conv3_1": features[10], "conv4_1": features[17], "conv5_1": features[24],
+            "conv5_3": features[28], "fc": model.classifier[6]}  # fmt: skip
+
+
+MODULES = {"resnet50": _resnet50_modules, "vgg16": _vgg16_modules}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_paper_taps_are_the_torchvision_modules_they_name(name: str, wrapped: dict) -> None:
+    classifier, reference = wrapped[name]
+    expected = MODULES[name](reference)
+    spec = BACKBONES[name]
+    assert set(spec.readout_taps) | {spec.per_sample_layer, spec.readout_layer} <= set(expected)
+    for layer, module in expected.items():
+        assert tap_module(classifier, layer) is module, f"{name} {layer}"
+
+
+def test_vgg16_taps_come_before_their_relu(wrapped: dict) -> None:
+    classifier, reference = wrapped["vgg16"]
+    for layer in ("conv3_1", "conv4_1", "conv5_1", "conv5_3"):
+        index = classifier.tap_index(layer)
+        assert isinstance(classifier.stages[index], nn.Conv2d)
+        assert isinstance(classifier.stages[index + 1], nn.ReLU)
+        assert classifier.stages[index + 1] is reference.features[index + 1]
+
+
+TAP_SHAPES = {
+    "resnet50": {"conv2_3": (256, 4), "conv3_4": (512, 8), "conv4_6": (1024, 16), "conv5_3": (2048, 32)},
+    "vgg16": {"conv3_1": (256, 4), "conv4_1": (512, 8), "conv5_1": (512, 16), "conv5_3": (512, 16)},
+}
+
+
+@pytest.mark.parametrize("name", list(TAP_SHAPES))
+def test_tap_info_gives_the_channels_and_strides_of_the_paper_taps(name: str, wrapped: dict) -> None:
+    classifier, _ = wrapped[name]
+    layers = [*TAP_SHAPES[name], "fc"]
+    infos = {info.name: info for info in tap_info(classifier, layers, input_size=64)}
+    for layer, (channels, stride) in TAP_SHAPES[name].items():
+        info = infos[layer]
+        assert (info.channels, info.stride, info.spatial) == (channels, stride, True), f"{name} {layer}"
+        assert (info.height, info.width) == (64 // stride, 64 // stride)
+    assert (infos["fc"].channels, infos["fc"].spatial) == (1000, False)
+
+
+def test_vgg16_stages_compute_what_torchvision_computes(wrapped: dict) -> None:
+    classifier, reference = wrapped["vgg16"]
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(images), reference(classifier.normalize(images)))
