@@ -239,8 +239,7 @@ def write_shards(
     the object's hard edges match its mask. The grain barely compresses: about 12.5 KB per 64 px sample
     (125 MB per 10,000), which a synthetic set can afford.
     """
-    if n < 1 or shard_size < 1:
-        raise ValueError(f"n and shard_size must be >= 1, got n={n}, shard_size={shard_size}")
+    _check_shard_arguments(n, size, seed, shard_size, start)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
@@ -266,6 +265,16 @@ def write_shards(
     )
     manifest.write(str(out / MANIFEST_NAME))
     return manifest
+
+
+def _check_shard_arguments(n: int, size: int, seed: int, shard_size: int, start: int) -> None:
+    """Bad arguments of :func:`write_shards` fail before anything is written, naming the argument."""
+    limits = {"n": (n, 1), "seed": (seed, 0), "shard_size": (shard_size, 1), "start": (start, 0)}
+    for name, (value, least) in limits.items():
+        if value < least:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {least}, got {value}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size (--size) must be in [{MIN_SIZE}, {MAX_SIZE}] px, got {size}")
 
 
 def to_record(sample: SyntheticSample) -> dict[str, Any]:

@@ -4,6 +4,8 @@ the batched JPEG decode gives the pixels the reader's PIL decode gives."""
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 from readout.data.format import (
+    Manifest,
     SampleError,
     box_mask,
     decode_image,
@@ -89,3 +92,19 @@ def test_batched_jpeg_decode_on_a_gpu_gives_the_cpu_pixels_nearly() -> None:
         assert image.device.type == "cuda" and image.shape == reference.shape
         # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a few levels at most
         assert (image.cpu().float() - reference.float()).abs().mean() < 3
+
+
+@pytest.mark.parametrize(
+    ("content", "found"),
+    [({"format": "webdataset/9", "shards": []}, "'webdataset/9'"), ({"shards": []}, "None")],
+    ids=["other-format", "no-format"],
+)
+def test_a_json_that_is_not_a_shard_manifest_is_refused_by_name(
+    tmp_path: Path, content: dict, found: str
+) -> None:
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError) as error:
+        Manifest.read(str(path))
+    expected = f"{path} is not a shard manifest (format {found}, expected 'readout-shards/1')"
+    assert str(error.value) == expected

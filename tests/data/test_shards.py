@@ -6,6 +6,7 @@ import io
 import shutil
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from readout.data import shards as shards_module
 from readout.data.format import Manifest, encode_png, encode_sample
 from readout.data.shards import CorruptSampleWarning, ShardDataset, make_loader, resolve_shards
 from readout.data.synthetic import generate, write_shards
@@ -101,6 +103,57 @@ def test_train_order_is_fixed_by_seed_and_epoch(tiny_shards: Path) -> None:
     again, images_again = epoch_keys(0)
     assert keys == again and torch.equal(images, images_again)
     assert epoch_keys(1)[0] != keys and epoch_keys(0, seed=1)[0] != keys
+
+
+def _train_keys(
+    shards: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    rank: int = 0,
+    worker: int | None = None,
+    shuffle_buffer: int = 16,
+) -> list[str]:
+    """The keys one (rank, worker) reads in epoch 0: 6 batches of 4 over 2 ranks (x 2 workers if given)."""
+    dataset = ShardDataset(
+        shards, "train", 4, IDENTITY, seed=0, batches_per_epoch=12 if worker is not None else 6,
+        shuffle_buffer=shuffle_buffer, rank=rank, world_size=2,
+    )  # fmt: skip
+    dataset.set_epoch(0)
+    if worker is not None:  # what a DataLoader worker process sees
+        info = SimpleNamespace(id=worker, num_workers=2)
+        monkeypatch.setattr(shards_module, "get_worker_info", lambda: info)
+    keys = [key for batch in dataset for key in batch["key"]]
+    monkeypatch.undo()
+    return keys
+
+
+def test_train_seeds_differ_per_rank_and_per_worker(
+    tiny_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranks = [_train_keys(tiny_shards, monkeypatch, rank=rank) for rank in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 24 and ranks[0] != ranks[1]
+    assert _train_keys(tiny_shards, monkeypatch, rank=1) == ranks[1]  # and are fixed
+    workers = [_train_keys(tiny_shards, monkeypatch, rank=1, worker=w) for w in range(2)]
+    assert len(workers[0]) == len(workers[1]) == 24 and workers[0] != workers[1]
+    # Real worker processes read those streams: the loader deals batches round-robin over its workers.
+    loader = make_loader(tiny_shards, "train", 4, num_workers=2, transform=IDENTITY, batches_per_epoch=12,
+                         shuffle_buffer=16, rank=1, world_size=2, persistent_workers=False)  # fmt: skip
+    loader.dataset.set_epoch(0)
+    batches = [batch["key"] for batch in loader]
+    assert [k for b in batches[0::2] for k in b] == workers[0]
+    assert [k for b in batches[1::2] for k in b] == workers[1]
+
+
+def test_the_shuffle_buffer_mixes_shards(tiny_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a buffer of 1 the samples come as drawn: whole shards (8 samples each) in their own order.
+    shard_keys = [[s.key for s in generate(8, 32, seed=0, start=8 * j)] for j in range(3)]
+    unshuffled = _train_keys(tiny_shards, monkeypatch, shuffle_buffer=1)
+    runs = [unshuffled[i : i + 8] for i in range(0, len(unshuffled), 8)]
+    assert all(run in shard_keys for run in runs)
+    shuffled = _train_keys(tiny_shards, monkeypatch, shuffle_buffer=16)
+    runs = [shuffled[i : i + 8] for i in range(0, len(shuffled), 8)]
+    assert not any(run in shard_keys for run in runs)
+    assert shuffled == _train_keys(tiny_shards, monkeypatch, shuffle_buffer=16)  # same seed and epoch
 
 
 def test_fsspec_memory_urls_work_as_pattern_directory_and_manifest(tiny_shards: Path) -> None:

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from readout.data.synthetic import BOX_FRACTION, CLASSES, generate, main, make_sample, synthetic_batch
+from readout.data.synthetic import (
+    BOX_FRACTION,
+    CLASSES,
+    generate,
+    main,
+    make_sample,
+    synthetic_batch,
+    write_shards,
+)
 
 
 def test_same_seed_and_index_give_the_same_sample_in_any_order() -> None:
@@ -73,3 +81,21 @@ def test_cli_writes_shards_and_manifest(tmp_path: Path) -> None:
     assert all((tmp_path / s["name"]).is_file() for s in manifest["shards"])
     assert manifest["samples"] == 10 and sum(manifest["per_class"].values()) == 10
     assert manifest["classes"] == list(CLASSES) and manifest["source"]["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"n": 0}, r"n \(--n\) must be >= 1, got 0"),
+        ({"seed": -1}, r"seed \(--seed\) must be >= 0, got -1"),
+        ({"shard_size": 0}, r"shard_size \(--shard-size\) must be >= 1, got 0"),
+        ({"size": 16}, r"size \(--size\) must be in \[32, 224\] px, got 16"),
+    ],
+    ids=["n", "seed", "shard_size", "size"],
+)
+def test_bad_shard_arguments_are_refused_before_anything_is_written(
+    tmp_path: Path, arguments: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        write_shards(tmp_path / "out", **{"n": 4, "size": 32, "seed": 0, **arguments})
+    assert not (tmp_path / "out").exists()

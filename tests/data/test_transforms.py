@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torchvision import tv_tensors
 
 from readout.data.format import ShardSample
 from readout.data.synthetic import make_sample
@@ -68,3 +69,44 @@ def test_a_sample_without_mask_or_box_gets_all_false() -> None:
     out = transform_sample(sample, eval_transform(resize=16, crop=16))
     assert out["image"].shape == (3, 16, 16)
     assert not out["mask"].any() and not out["box_mask"].any() and not out["has_mask"].item()
+
+
+def test_resize_256_and_center_crop_224_move_box_and_mask_as_computed_by_hand() -> None:
+    # 400 x 300 (W x H): Resize(256) scales the shorter side by 256/300, the longer to int(256 * 400 / 300)
+    # = 341; CenterCrop(224) then cuts round((256 - 224) / 2) = 16 rows and round((341 - 224) / 2) = 58
+    # columns (58.5 rounds to even) from the top and the left.
+    width, height = 400, 300
+    mask = np.zeros((height, width), bool)
+    mask[80:220, 120:290] = True
+    boxes = [(100.0, 75.0, 300.0, 225.0), (0.0, 0.0, 50.0, 40.0)]
+    image = np.zeros((height, width, 3), np.uint8)
+    transform = eval_transform(resize=256, crop=224)
+
+    moved = transform(
+        tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(height, width)),
+    )
+    sx, sy = 341 / 400, 256 / 300
+
+    def clamp(value: float) -> float:  # torchvision clamps boxes to the crop
+        return min(max(value, 0.0), 224.0)
+
+    by_hand = [
+        [clamp(x0 * sx - 58), clamp(y0 * sy - 16), clamp(x1 * sx - 58), clamp(y1 * sy - 16)]
+        for x0, y0, x1, y1 in boxes
+    ]
+    torch.testing.assert_close(moved.as_subclass(torch.Tensor), torch.tensor(by_hand))
+    assert by_hand == [[27.25, 48.0, 197.75, 176.0], [0.0, 0.0, 0.0, 40 * sy - 16]]  # the second is cut off
+
+    out = transform_sample(ShardSample("wide", image, 1, "one", boxes, mask), transform)
+    expected_box = torch.zeros(224, 224, dtype=torch.bool)
+    expected_box[48:176, 27:198] = True  # pixel centres c + 0.5 in [27.25, 197.75), r + 0.5 in [48, 176)
+    assert torch.equal(out["box_mask"], expected_box)
+    # Masks are resized by nearest neighbour: output pixel (r, c) of the crop shows source pixel
+    # (floor((r + 16) * 300 / 256), floor((c + 58) * 400 / 341)).
+    expected_mask = torch.zeros(224, 224, dtype=torch.bool)
+    for r in range(224):
+        for c in range(224):
+            expected_mask[r, c] = bool(mask[(r + 16) * 300 // 256, (c + 58) * 400 // 341])
+    assert torch.equal(out["mask"], expected_mask)
+    rows, cols = expected_mask.any(1).nonzero(), expected_mask.any(0).nonzero()
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (53, 171, 45, 189)
