@@ -45,14 +45,29 @@ class PerSample(BottleneckAttributor):
         if steps < 1 or copies < 1:
             raise ValueError(f"steps and copies must be >= 1, got steps={steps}, copies={copies}")
         self.beta, self.steps, self.lr, self.copies, self.init_alpha = beta, steps, lr, copies, init_alpha
-        self.generator: torch.Generator | None = None
-        if seed is not None:
-            self.generator = torch.Generator(device=classifier.mean.device).manual_seed(seed)
+        self.seed = seed
+        # One generator per device, made on first use: a CPU generator cannot draw CUDA noise, and the
+        # attributor is often moved with .to() after construction.
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator_for(self, device: torch.device) -> torch.Generator | None:
+        """The noise generator on ``device``, seeded with ``seed`` when first used; None without a seed."""
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The noise generator on the classifier's current device (reseed it to repeat a fit's noise)."""
+        return self.generator_for(self.classifier.mean.device)
 
     def draw_noise(self, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise (B, copies, C, h, w) for one step."""
+        """Standard normal noise (B, copies, C, h, w) for one step, on the device and dtype of ``like``."""
         shape = (batch, self.copies, *self.shape)
-        return torch.randn(shape, generator=self.generator, device=like.device, dtype=like.dtype)
+        generator = self.generator_for(like.device)
+        return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
         """Sum over images of CE (mean over the copies) + β/k·Σ KL; logits (B·S, K), kl (B, C, h, w) nats."""

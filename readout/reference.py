@@ -38,7 +38,13 @@ def _fit_one(
 ) -> torch.Tensor:
     copies = noise.shape[1]
     batch = image.expand(copies, -1, -1, -1)
-    alpha = torch.full((1, *attributor.shape), attributor.init_alpha, requires_grad=True)
+    alpha = torch.full(
+        (1, *attributor.shape),
+        attributor.init_alpha,
+        device=image.device,
+        dtype=image.dtype,
+        requires_grad=True,
+    )
     optimiser = torch.optim.Adam([alpha], lr=attributor.lr)
     kl_holder: list[torch.Tensor] = []
 

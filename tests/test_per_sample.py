@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -74,3 +76,109 @@ def test_bad_hyperparameters_are_clear_errors(attributor, kwargs, message):
 
 def test_default_layer_comes_from_the_registry():
     assert PerSample(load_classifier("resnet50", weights=None)).layer == "conv3_4"
+
+
+def test_noise_is_drawn_on_the_device_the_attributor_was_moved_to():
+    # Built on 'meta' (which has no generator) and moved afterwards: the generator must come from the
+    # device of the features, not from the one the classifier was on at construction.
+    classifier = load_classifier("synthetic-cnn", weights=None).to("meta")
+    attributor = PerSample(classifier, steps=2, copies=3, seed=5)
+    attributor.to_empty(device="cpu")
+    like = torch.zeros(2, *attributor.shape)
+    noise = attributor.draw_noise(2, like)
+    expected = torch.randn(2, 3, *attributor.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(noise, expected), "the same seed gives the CPU noise it always gave"
+    assert attributor.generator is not None and attributor.generator.device == like.device
+    assert attributor.generator_for(like.device) is attributor.generator
+
+
+def test_reseeding_the_generator_repeats_the_noise(attributor):
+    # Evaluations reseed ``attributor.generator`` per batch (readout.methods.SharedExplanation).
+    assert attributor.generator is not None
+    attributor.generator.manual_seed(3)
+    first = attributor.draw_noise(1, torch.zeros(1))
+    attributor.generator.manual_seed(3)
+    assert torch.equal(attributor.draw_noise(1, torch.zeros(1)), first)
+
+
+def test_prefix_runs_once_and_the_suffix_once_per_step(attributor):
+    # Batched and cached (issue 3): the layers before the bottleneck see the B images once; the layers
+    # after it see the B clean activations once (top-1), then B·copies noisy ones on every step and in
+    # the final evaluation with the fitted α.
+    batch, index = 2, attributor.classifier.tap_index(attributor.layer)
+    stages = attributor.classifier.stages
+    calls: dict[str, list[int]] = {"prefix": [], "suffix": []}
+
+    def record(part):
+        return lambda module, inputs, output: calls[part].append(inputs[0].shape[0])
+
+    handles = [
+        stage.register_forward_hook(record("prefix" if i <= index else "suffix"))
+        for i, stage in enumerate(stages)
+    ]
+    try:
+        attributor.explain(torch.rand(batch, 3, 64, 64))
+    finally:
+        for handle in handles:
+            handle.remove()
+    prefix_stages, suffix_stages = index + 1, len(stages) - index - 1
+    assert calls["prefix"] == [batch] * prefix_stages
+    passes = [batch] + [batch * attributor.copies] * (attributor.steps + 1)
+    assert calls["suffix"] == [size for size in passes for _ in range(suffix_stages)]
+    assert all(p.grad is None for p in attributor.classifier.parameters())
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (6, r"class indices in \[0, 6\) for a classifier of 6 classes"),
+        (torch.tensor([0, -1]), r"class indices in \[0, 6\)"),
+        (torch.tensor([0, 1, 2]), "the batch has 2 images"),
+        (torch.tensor([[0], [1]]), "the batch has 2 images"),
+        (torch.tensor([0.0, 1.0]), "integer class indices"),
+    ],
+)
+def test_bad_targets_are_clear_errors(attributor, target, message):
+    with pytest.raises(ValueError, match=message):
+        attributor(torch.rand(2, 3, 64, 64), target)
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        ((torch.rand(1, 3, 64, 64) * 255).to(torch.uint8), r"floats in \[0, 1\].*torch.uint8"),
+        (torch.rand(1, 3, 64, 64) * 255, r"floats in \[0, 1\].*got values in \[.*, 25\d"),
+        (torch.rand(1, 3, 64, 64) - 0.5, r"floats in \[0, 1\]"),
+        (torch.full((1, 3, 64, 64), float("nan")), r"floats in \[0, 1\]"),
+    ],
+)
+def test_images_outside_the_unit_range_are_clear_errors(attributor, images, message):
+    with pytest.raises(ValueError, match=message):
+        attributor(images)
+
+
+def test_images_within_rounding_of_the_unit_range_pass(attributor):
+    images = torch.rand(1, 3, 64, 64)
+    images[0, 0, 0, 0], images[0, 1, 0, 0] = -1e-6, 1 + 1e-6
+    assert torch.isfinite(attributor(images)).all()
+
+
+@pytest.mark.gpu
+def test_per_sample_on_cuda_matches_cpu_on_the_same_noise(attributor, monkeypatch):
+    # TF32 convolutions (cuDNN allows them by default) would differ from the CPU's float32 by about 1e-3.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    images = torch.rand(2, 3, 64, 64)
+    noise = torch.randn(attributor.steps, 2, attributor.copies, *attributor.shape)
+    cpu = attributor.explain(images, noise=noise)
+    cuda = copy.deepcopy(attributor).to("cuda")
+    on_cuda = cuda.explain(images.cuda(), noise=noise.cuda())
+    torch.testing.assert_close(on_cuda.heatmap.cpu(), cpu.heatmap, rtol=1e-3, atol=1e-5)
+    # Without given noise the seeded generator draws on the device (it raised before: issue 3 on GPU).
+    assert cuda.generator is not None and cuda.generator.device.type == "cuda"
+    cuda.generator.manual_seed(0)
+    first = cuda(images.cuda())
+    cuda.generator.manual_seed(0)
+    second = cuda(images.cuda())
+    assert first.device.type == "cuda" and torch.equal(first, second)
+    explanation = cuda.explain(images.cuda())
+    torch.testing.assert_close(explanation.heatmap.sum((1, 2)), explanation.total_bits, rtol=1e-4, atol=1e-6)
