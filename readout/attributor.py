@@ -18,6 +18,9 @@ from tqdm.auto import tqdm
 from readout.backbones import Classifier, tap_info
 from readout.bottleneck import FeatureStatistics, InformationBottleneck
 
+#: How far outside [0, 1] image values may lie (rounding of resizes and dtype casts).
+RANGE_TOLERANCE = 1e-5
+
 
 @dataclass
 class Explanation:
@@ -42,6 +45,33 @@ class Explanation:
     def total_bits(self) -> torch.Tensor:
         """(B,), bits that pass the bottleneck per image."""
         return self.information.sum(dim=(1, 2, 3))
+
+
+def checked_target(
+    target: torch.Tensor | int, batch: int, classes: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(B,) long class indices on ``device`` from one int for all images or B indices.
+
+    A target that is not integral, of another length than ``batch``, or outside [0, ``classes``) is
+    a ValueError naming the batch size or the number of classes.
+    """
+    indices = torch.as_tensor(target, device=device)
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"target must be integer class indices, got dtype {indices.dtype}")
+    indices = indices.long()
+    if indices.dim() == 0:
+        indices = indices.expand(batch)
+    if indices.dim() != 1 or len(indices) != batch:
+        raise ValueError(
+            f"target must be one class index or one per image: the batch has {batch} images, "
+            f"got target of shape {tuple(indices.shape)}"
+        )
+    if bool(((indices < 0) | (indices >= classes)).any()):
+        raise ValueError(
+            f"target must be class indices in [0, {classes}) for a classifier of {classes} classes, "
+            f"got {indices.tolist()}"
+        )
+    return indices
 
 
 def images_of(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -94,11 +124,27 @@ class BottleneckAttributor(nn.Module):
         return c * h * w
 
     def check_images(self, images: torch.Tensor) -> None:
+        """Raises ValueError unless ``images`` are float (B, 3, S, S) in [0, 1] at the input size S.
+
+        Values up to :data:`RANGE_TOLERANCE` outside [0, 1] pass (rounding of resizes and casts);
+        NaN does not.
+        """
         size = self.classifier.input_size
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(
                 f"expected images of shape (B, 3, {size}, {size}) in [0, 1] for {self.classifier.name!r}, "
                 f"got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise ValueError(
+                f"images must be floats in [0, 1] (the attributor normalises them itself), got {images.dtype}"
+            )
+        inside = (images >= -RANGE_TOLERANCE) & (images <= 1 + RANGE_TOLERANCE)
+        if not bool(inside.all()):
+            low, high = images.min().item(), images.max().item()
+            raise ValueError(
+                f"images must be floats in [0, 1] (the attributor normalises them itself), "
+                f"got values in [{low:.4g}, {high:.4g}]"
             )
 
     @torch.no_grad()
@@ -138,11 +184,12 @@ class BottleneckAttributor(nn.Module):
 
     @staticmethod
     def resolve_target(logits: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:
-        """(B,) target classes: the given ones or the top-1 of ``logits``."""
+        """(B,) target classes: the given ones (checked by :func:`checked_target`) or the top-1 of
+        ``logits`` (B, K)."""
         if target is None:
             return logits.argmax(1)
-        target = torch.as_tensor(target, device=logits.device).long()
-        return target.expand(logits.shape[0]) if target.dim() == 0 else target
+        batch, classes = logits.shape
+        return checked_target(target, batch, classes, logits.device)
 
     def explain(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> Explanation:
         raise NotImplementedError
