@@ -30,9 +30,10 @@ from readout.attributor import BottleneckAttributor
 from readout.backbones import load_classifier
 from readout.export import classifier_fingerprint, load
 from readout.images import BadImage, expand_images, load_image
+from readout.lrp import CANONIZERS, COMPOSITES
 from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
-from readout.relevance import RelevanceIBA
+from readout.relevance import INJECTIONS, RelevanceIBA
 
 DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
 
@@ -74,11 +75,13 @@ def with_cached_statistics(attributor: BottleneckAttributor, args: argparse.Name
     batches = estimate_batches(args, classifier.name, classifier.input_size)
     attributor.estimate(batches, max_samples=args.estimate_samples)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in attributor.statistics.state_dict().items()}, str(path))
+    state = attributor.statistics.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
 
 
 def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
-    classifier = load_classifier(args.classifier, weights=args.weights)
+    # On the device before estimating: μ/σ over thousands of images should not run on the CPU.
+    classifier = load_classifier(args.classifier, weights=args.weights).to(args.device)
     attributor = PerSample(
         classifier, layer=args.layer, beta=args.beta, steps=args.steps, copies=args.copies, seed=args.seed
     )
@@ -89,15 +92,35 @@ def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
 def readout(args: argparse.Namespace) -> BottleneckAttributor:
     if not args.checkpoint:
         raise SystemExit("error: --method readout needs --checkpoint DIR (a bundle written by readout.fit)")
-    return load(args.checkpoint)
+    return load(args.checkpoint, device=args.device)
+
+
+def relevance_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Relevance-IBA options given on the command line (None: the classifier's default)."""
+    return {
+        "composite": args.composite,
+        "canonizer": args.canonizer,
+        "injection": args.injection,
+        "mask_dead": args.mask_dead,
+    }
 
 
 def relevance_per_sample(args: argparse.Namespace) -> RelevanceIBA:
-    return RelevanceIBA(per_sample(args), composite=args.composite)
+    return RelevanceIBA(per_sample(args), **relevance_options(args))
 
 
 def relevance_readout(args: argparse.Namespace) -> RelevanceIBA:
-    return RelevanceIBA(readout(args), composite=args.composite)
+    return RelevanceIBA(readout(args), **relevance_options(args))
+
+
+def resolved_relevance_options(attributor: RelevanceIBA) -> dict[str, Any]:
+    """What a Relevance-IBA attributor runs with, defaults resolved: recorded in summary.json."""
+    return {
+        "composite": attributor.propagator.composite_name,
+        "canonizer": attributor.propagator.canonizer_name,
+        "injection": attributor.injection,
+        "mask_dead": attributor.mask_dead,
+    }
 
 
 #: --method -> how to build the attributor from the arguments.
@@ -133,7 +156,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--estimate-shards", help="shards whose images give μ/σ (per-sample)")
     parser.add_argument("--estimate-samples", type=int, default=2000)
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where estimated μ/σ are kept")
-    parser.add_argument("--composite", help="zennit composite for relevance methods (default per classifier)")
+    parser.add_argument(
+        "--composite",
+        choices=sorted(COMPOSITES),
+        help="zennit composite (relevance methods; default per classifier)",
+    )
+    parser.add_argument(
+        "--canonizer",
+        choices=sorted(CANONIZERS),
+        help="zennit canonizer (relevance methods; default per classifier)",
+    )
+    parser.add_argument(
+        "--injection",
+        choices=sorted(INJECTIONS),
+        default="information",
+        help="relevance put at the bottleneck (relevance methods): the information per element, or λ·R",
+    )
+    parser.add_argument(
+        "--mask-dead",
+        action="store_true",
+        help="inject no relevance on units the ReLU zeroes (relevance methods)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -184,6 +227,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classifier = attributor.base.classifier if isinstance(attributor, RelevanceIBA) else attributor.classifier
     size = classifier.input_size
     summary: dict[str, Any] = {"method": args.method, "images": {}, "failed": {}}
+    if isinstance(attributor, RelevanceIBA):
+        summary["relevance"] = resolved_relevance_options(attributor)
     stems = unique_stems(files)
     for start in tqdm(range(0, len(files), args.batch_size), desc="explaining", unit="batch"):
         batch_files, batch_stems, images = [], [], []

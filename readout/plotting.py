@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -13,11 +14,21 @@ import torch  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 
 
-def _limits(heatmap: np.ndarray, symmetric: bool) -> tuple[float, float]:
+@dataclass(frozen=True)
+class ColourScale:
+    """How a heatmap's values become colours: the colour map and the values at its two ends."""
+
+    cmap: str
+    vmin: float
+    vmax: float
+
+
+def colour_scale(heatmap: np.ndarray, symmetric: bool) -> ColourScale:
+    """Signed maps: a diverging map centred on zero, ±max|value|; others: 0 to the maximum."""
     if symmetric:
         bound = float(np.abs(heatmap).max()) or 1.0
-        return -bound, bound
-    return 0.0, float(heatmap.max()) or 1.0
+        return ColourScale("bwr", -bound, bound)
+    return ColourScale("inferno", 0.0, float(heatmap.max()) or 1.0)
 
 
 def save_heatmap_png(
@@ -27,19 +38,20 @@ def save_heatmap_png(
     title: str = "",
     symmetric: bool = False,
     unit: str = "bits per pixel",
-) -> None:
+) -> ColourScale:
     """The image (3, H, W) in [0, 1] beside the heatmap (H, W) over it, with a colour bar in ``unit``.
 
-    Signed maps (Relevance-IBA) use a symmetric diverging colour map centred on zero.
+    Signed maps (Relevance-IBA) use a symmetric diverging colour map centred on zero. Returns the
+    colour scale drawn.
     """
     picture = image.detach().cpu().permute(1, 2, 0).numpy()
     values = heatmap.detach().cpu().float().numpy()
-    low, high = _limits(values, symmetric)
+    scale = colour_scale(values, symmetric)
     figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3.2))
     left.imshow(picture)
     left.set_axis_off()
     right.imshow(picture.mean(axis=2), cmap="gray", vmin=0, vmax=1)
-    shown = right.imshow(values, cmap="bwr" if symmetric else "inferno", vmin=low, vmax=high, alpha=0.75)
+    shown = right.imshow(values, cmap=scale.cmap, vmin=scale.vmin, vmax=scale.vmax, alpha=0.75)
     right.set_axis_off()
     figure.colorbar(shown, ax=right, fraction=0.046, pad=0.04, label=unit)
     if title:
@@ -47,13 +59,15 @@ def save_heatmap_png(
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return scale
 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
     """(3, H, W) image and (H, W) map -> (3, H, W) float picture: the map coloured over the gray image."""
     values = heatmap.detach().cpu().float().numpy()
-    low, high = _limits(values, symmetric)
-    colours = colormaps["bwr" if symmetric else "inferno"]((values - low) / (high - low + 1e-12))[..., :3]
+    scale = colour_scale(values, symmetric)
+    span = scale.vmax - scale.vmin + 1e-12
+    colours = colormaps[scale.cmap]((values - scale.vmin) / span)[..., :3]
     gray = image.detach().cpu().mean(0, keepdim=True).permute(1, 2, 0).numpy()
     mixed = 0.35 * gray + 0.65 * colours
     return torch.from_numpy(mixed).permute(2, 0, 1).float().clamp(0, 1)
