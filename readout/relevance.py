@@ -17,6 +17,12 @@ Injections (``INJECTIONS``), (B, C, h, w) bits:
 
 ``mask_dead`` zeroes the injection on units that a ReLU zeroes (R ≤ 0): at a tap after a ReLU those
 are the units with R = 0, which carry information (their KL is not zero when μ > 0) but no signal.
+
+Precision: in float32 the maps are not exactly batch independent (nor equal between CPU and GPU).
+Convolutions round differently per batch size (about 1e-6), and zennit's ``Norm`` rule at a residual
+sum, x_i / (a + b) · R, magnifies that where a + b nearly cancels, up to a visible change of single
+pixels. Where maps must agree across batch sizes or devices, run in float64 (``.double()`` on the
+attributor and the images): there they agree to about 1e-9 of the map's largest value.
 """
 
 from __future__ import annotations

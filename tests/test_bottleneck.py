@@ -159,3 +159,37 @@ def test_information_map_total_equals_bits_at_the_bottleneck():
 def test_information_map_of_uniform_information_is_uniform():
     heatmap = information_map(torch.ones(1, 2, 4, 4), (16, 16))
     torch.testing.assert_close(heatmap, torch.full((1, 16, 16), 32 / math.log(2) / 256))
+
+
+def slow_bilinear(image: list[list[float]], height: int, width: int) -> list[list[float]]:
+    """Bilinear resize, pixel by pixel (align_corners=False): output pixel i samples the input at
+    (i + 0.5)·h/H − 0.5, clamped to the first and last input pixel centres."""
+    h, w = len(image), len(image[0])
+
+    def source(i: int, size_in: int, size_out: int) -> tuple[int, int, float]:
+        position = min(max((i + 0.5) * size_in / size_out - 0.5, 0.0), size_in - 1.0)
+        low = math.floor(position)
+        return low, min(low + 1, size_in - 1), position - low
+
+    out = []
+    for i in range(height):
+        y0, y1, wy = source(i, h, height)
+        row = []
+        for j in range(width):
+            x0, x1, wx = source(j, w, width)
+            top = (1 - wx) * image[y0][x0] + wx * image[y0][x1]
+            bottom = (1 - wx) * image[y1][x0] + wx * image[y1][x1]
+            row.append((1 - wy) * top + wy * bottom)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("size", [(13, 17), (9, 5)])
+def test_information_map_is_bilinear_then_scaled_to_the_total(size):
+    kl = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    heatmap = information_map(kl, size)
+    for b in range(2):
+        bits = (kl[b].sum(0) / math.log(2)).tolist()
+        resized = torch.tensor(slow_bilinear(bits, *size), dtype=torch.float64)
+        expected = resized * (kl[b].sum() / math.log(2)) / resized.sum()
+        torch.testing.assert_close(heatmap[b], expected, rtol=1e-12, atol=1e-12)

@@ -3,14 +3,14 @@ import torch
 from torch import nn
 
 from readout.backbones import Classifier, load_classifier
-from readout.lrp import COMPOSITES, RelevancePropagator, input_bounds, make_composite
+from readout.lrp import COMPOSITES, RelevancePropagator, input_bounds, lrp_defaults, make_composite
 from readout.taps import FeatureTaps, hook_count
 
 
-def randomised_classifier(seed: int = 0) -> Classifier:
-    """A random synthetic-cnn whose batch norms are not the identity, so that merging them matters."""
+def randomised_classifier(seed: int = 0, name: str = "synthetic-cnn") -> Classifier:
+    """A random classifier whose batch norms are not the identity, so that merging them matters."""
     torch.manual_seed(seed)
-    classifier = load_classifier("synthetic-cnn", weights=None)
+    classifier = load_classifier(name, weights=None)
     for module in classifier.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -161,3 +161,36 @@ def test_sum_plus_has_no_spikes_and_conserves_on_live_units(classifier, images):
     ratio = plus.sum((1, 2, 3)) / relevance.sum((1, 2, 3))
     torch.testing.assert_close(ratio, torch.ones(2), rtol=0, atol=1e-3)
     assert (plus.sum(1) >= -1e-6).all(), "every rule of this composite keeps relevance non-negative"
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> Classifier:
+    return randomised_classifier(name="resnet50")
+
+
+def conservation(classifier: Classifier, layer: str, canonizer: str | None = None) -> float:
+    """Input relevance / relevance put at ``layer`` (uniform random, positive) for one 64 px image,
+    under the classifier's default composite and, unless given, its default canonizer."""
+    defaults = lrp_defaults(classifier.name)
+    propagator = propagator_for(
+        classifier, layer, composite=defaults.composite, canonizer=canonizer or defaults.canonizer
+    )
+    normalised = classifier.normalize(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    relevance = torch.rand_like(classifier.prefix(layer)(normalised))
+    _, input_relevance = propagator(normalised, relevance)
+    return (input_relevance.sum() / relevance.sum()).item()
+
+
+def test_resnet50_conserves_relevance_at_conv3_4_with_its_defaults(resnet50):
+    assert lrp_defaults("resnet50").canonizer == "resnet"
+    assert conservation(resnet50, "conv3_4") == pytest.approx(1.0, abs=1e-3)
+
+
+def test_resnet50_without_the_canonizer_does_not_conserve(resnet50):
+    # Negative control: four residual blocks, each handing the full relevance to both branches.
+    ratio = conservation(resnet50, "conv3_4", canonizer="none")
+    assert abs(ratio - 1) > 0.1, ratio
+
+
+def test_vgg16_conserves_relevance_at_conv4_1_with_its_defaults():
+    assert conservation(randomised_classifier(name="vgg16"), "conv4_1") == pytest.approx(1.0, abs=1e-3)

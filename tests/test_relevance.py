@@ -5,7 +5,10 @@ import torch
 from test_lrp import randomised_classifier
 
 from readout.attributor import BottleneckAttributor, Explanation
+from readout.backbones import CHECKPOINT_DIR
 from readout.bottleneck import information_map
+from readout.data.synthetic import synthetic_batch
+from readout.export import load
 from readout.per_sample import PerSample
 from readout.relevance import RelevanceIBA, relevance_attributor
 from readout.taps import hook_count
@@ -131,3 +134,27 @@ def test_explain_from_a_computed_base_equals_explain(fixed, images):
     direct = attributor.explain(images[:1])
     reused = attributor.explain_from(images[:1], fixed.explain(images[:1]))
     torch.testing.assert_close(reused.heatmap, direct.heatmap)
+
+
+@pytest.mark.gpu
+def test_relevance_on_cuda_gives_the_cpu_maps(images, monkeypatch):
+    # Relevance-readout is deterministic. Compared in float64: in float32 the residual Sum rule magnifies
+    # rounding (see readout.relevance), and the CPU and the GPU round differently.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    bundle = CHECKPOINT_DIR / "readout-demo"
+    objects = synthetic_batch(3, 64, seed=9)["image"]
+    cpu = RelevanceIBA(load(bundle).double()).explain(objects.double())
+    cuda = RelevanceIBA(load(bundle, device="cuda").double()).explain(objects.double().cuda())
+    assert cuda.heatmap.device.type == "cuda" and cpu.heatmap.abs().max() > 0
+    torch.testing.assert_close(
+        cuda.heatmap.cpu(), cpu.heatmap, rtol=1e-6, atol=1e-8 * cpu.heatmap.abs().max().item()
+    )
+    torch.testing.assert_close(cuda.conservation.cpu(), cpu.conservation, rtol=1e-6, atol=0)
+    in_float32 = RelevanceIBA(load(bundle, device="cuda")).explain(objects.cuda())
+    torch.testing.assert_close(in_float32.conservation.cpu().double(), cpu.conservation, rtol=0, atol=1e-3)
+    # Relevance-per-sample on the GPU with a seeded generator (the noise is drawn there).
+    base = PerSample(randomised_classifier(), layer="block1", steps=2, copies=2, seed=0)
+    base.estimate([torch.rand(8, 3, 64, 64)], progress=False)
+    explanation = RelevanceIBA(base.to("cuda")).explain(images[:2].cuda())
+    assert explanation.heatmap.device.type == "cuda" and torch.isfinite(explanation.heatmap).all()
+    torch.testing.assert_close(explanation.conservation.cpu(), torch.ones(2), rtol=0, atol=1e-3)
