@@ -1,9 +1,9 @@
 """What ``readout.fit`` does when something goes wrong mid-run: callbacks and messages, no training logic.
 
-- :class:`Preemption`: SIGTERM (and SIGUSR1 outside SLURM's requeue) only sets a flag; at the end of
-  the running step every rank agrees on it, a checkpoint is written, and the run stops cleanly.
-  Nothing is saved inside the signal handler: a save there (all ranks, a barrier) could interleave with
-  a DDP all-reduce that the interrupted code was about to issue.
+- :class:`Preemption`: SIGTERM and SIGUSR1 (SLURM's requeue signal too) only set a flag; at the end
+  of the running step every rank agrees on it, a checkpoint is written, under SLURM the job is
+  requeued, and the run stops cleanly. Nothing is saved inside the signal handler: a save there (all
+  ranks, a barrier) could interleave with a DDP all-reduce that the interrupted code was about to issue.
 - :class:`BadDataGuard`: logs the share of corrupt training samples and stops the run past
   ``data.max_bad_share``, naming the worst shards.
 - :func:`peer_failure_message`: what a rank says when a collective fails because another rank died
@@ -17,6 +17,7 @@ import os
 import posixpath
 import re
 import signal
+import subprocess
 import sys
 import threading
 from types import FrameType
@@ -26,7 +27,7 @@ import fsspec
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ class BadDataError(RuntimeError):
 
 
 def next_signal_checkpoint(root: str) -> str:
-    """``root/hpc_ckpt_{n}.ckpt`` with n one past the highest there: the name Lightning gives the
-    checkpoint of SLURM's requeue signal, which ``--ckpt_path last`` and Lightning's SLURM resume find."""
+    """``root/hpc_ckpt_{n}.ckpt`` with n one past the highest there: the name Lightning's SLURM resume
+    looks for, and one that ``--ckpt_path last`` finds."""
     fs, path = fsspec.core.url_to_fs(root)
     try:
         names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
@@ -47,53 +48,89 @@ def next_signal_checkpoint(root: str) -> str:
     return os.path.join(root, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
-def _slurm_requeue(trainer: pl.Trainer) -> bool:
-    """Whether Lightning's SLURM auto-requeue owns SIGUSR1 (the check its signal connector makes)."""
-    environment = trainer._accelerator_connector.cluster_environment
-    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+def slurm_job_id() -> str:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` in a job array, else SLURM_JOB_ID."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    if not re.fullmatch(r"\d+(_\d+)?", job):
+        raise ValueError(f"not a SLURM job id: {job!r}")
+    return job
+
+
+def requeue_slurm_job() -> str | None:
+    """Runs ``scontrol requeue <job id>``; the job id, or None (and a warning) where that failed."""
+    try:
+        job = slurm_job_id()
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except (KeyError, ValueError, OSError) as error:
+        rank_zero_warn(f"cannot requeue the SLURM job ({error}): resume it by hand with --ckpt_path last")
+        return None
+    if result.returncode != 0:
+        rank_zero_warn(
+            f"`scontrol requeue {job}` failed with exit code {result.returncode} "
+            f"({result.stderr.strip()}): resume the job by hand with --ckpt_path last"
+        )
+        return None
+    return job
 
 
 class Preemption(pl.Callback):
     """A signal asks for a checkpoint at the end of the running step, then a clean stop (exit code 0).
 
-    Handled: SIGTERM, and SIGUSR1 unless SLURM's auto-requeue uses it (there Lightning saves
-    ``hpc_ckpt_*.ckpt`` and requeues the job; the SIGTERM that follows is passed on to Lightning too).
-    Outside SLURM the handlers replace Lightning's SIGTERM handler, whose broadcast inside the handler
-    can meet a DDP all-reduce; ``trainer.received_sigterm`` then stays False.
+    Handled: SIGTERM and SIGUSR1 (under SLURM: its environment's requeue signal, SIGUSR1 unless set).
+    The handlers only set a flag; they replace Lightning's, which save a checkpoint (SLURM's requeue
+    signal) or broadcast (SIGTERM) inside the handler, in the middle of a step, where that can meet a
+    DDP all-reduce the interrupted code was about to issue and save a state between two steps. So
+    that Lightning does not install its SLURM handler at all, :meth:`setup` turns the environment's
+    ``auto_requeue`` off (it is read when Lightning registers its handlers, after this hook) and
+    remembers it; ``trainer.received_sigterm`` stays False.
 
-    The checkpoint is ``<default_root_dir>/hpc_ckpt_{n}.ckpt``, saved in ``on_train_batch_end`` like
-    ModelCheckpoint's step checkpoints, so a run resumed from it is the uninterrupted run. None is
-    written when one of the same step was saved already (the requeue signal's). The run then stops by
-    raising Lightning's ``SIGTERMException`` on every rank; ``readout.fit`` reports it and exits 0.
+    At the end of the step every rank agrees on the flag; rank 0 writes
+    ``<default_root_dir>/hpc_ckpt_{n}.ckpt`` (saved in ``on_train_batch_end`` like ModelCheckpoint's
+    step checkpoints, so a run resumed from it is the uninterrupted run). If the requeue signal
+    reached any rank and SLURM's auto-requeue was on, rank 0 then runs ``scontrol requeue $SLURM_JOB_ID``
+    and the ranks wait for it. Every rank stops by raising Lightning's ``SIGTERMException``;
+    ``readout.fit`` reports it and exits 0. The requeued job finds the checkpoint with
+    ``--ckpt_path last`` in the same run directory.
     """
 
     def __init__(self) -> None:
         self.received: str | None = None
         self.saved: str | None = None
-        self._saved_step: int | None = None
+        self.requeued: str | None = None
+        self._requeue_signal: signal.Signals | None = None
+        self._requeue_asked = False
+        self._environment: SLURMEnvironment | None = None
         self._replaced: dict[int, Any] = {}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        if stage != "fit" or not isinstance(environment, SLURMEnvironment):
+            return
+        if environment.auto_requeue:
+            self._environment = environment
+            self._requeue_signal = environment.requeue_signal or signal.SIGUSR1
+            environment.auto_requeue = False  # restored in _restore
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set from the main thread
-        requeue = _slurm_requeue(trainer)
-        wanted = [signal.SIGTERM] if requeue else [signal.SIGTERM, signal.SIGUSR1]
-        for signum in wanted:
-            previous = signal.getsignal(signum)
-            passed_on = previous if requeue and callable(previous) else None
+        self._install(trainer)
 
-            def handler(number: int, frame: FrameType | None, passed_on: Any = passed_on) -> None:
-                self.received = signal.Signals(number).name
-                if passed_on is not None:
-                    passed_on(number, frame)
+    def _install(self, trainer: pl.Trainer) -> None:
+        """Replaces the handlers Lightning registered (after ``on_fit_start``, before the sanity check)."""
+        if self._replaced or threading.current_thread() is not threading.main_thread():
+            return  # installed already, or signal handlers cannot be set from this thread
+        environment = trainer._accelerator_connector.cluster_environment
+        stop = getattr(environment, "requeue_signal", None) or signal.SIGUSR1
+        for signum in {signal.SIGTERM, stop}:
+            self._replaced[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
 
-            self._replaced[signum] = previous
-            signal.signal(signum, handler)
-
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._saved_step = trainer.global_step
+    def _handler(self, number: int, frame: FrameType | None) -> None:
+        self.received = self.received or signal.Signals(number).name
+        self._requeue_asked = self._requeue_asked or number == self._requeue_signal
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -103,13 +140,21 @@ class Preemption(pl.Callback):
             return
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid-accumulation the optimiser has not stepped: save after the step
-        if self._saved_step != trainer.global_step:
-            path = trainer.strategy.broadcast(next_signal_checkpoint(trainer.default_root_dir))
-            trainer.save_checkpoint(path)
-            self.saved = path
+        # Reached by every rank at once: the second reduction pairs up as the first does.
+        requeue = self._requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
+            self._requeue_asked, all=False
+        )
+        path = trainer.strategy.broadcast(next_signal_checkpoint(trainer.default_root_dir))
+        trainer.save_checkpoint(path)
+        self.saved = path
+        if requeue:
+            if trainer.is_global_zero:
+                self.requeued = requeue_slurm_job()
+            trainer.strategy.barrier("readout-requeue")  # no rank exits before the job is requeued
         rank_zero_info(
-            f"{self.received or 'a signal to another rank'}: stopping after step {trainer.global_step}"
-            + (f", checkpoint {self.saved}" if self.saved else ", its checkpoint is already saved")
+            f"{self.received or 'a signal to another rank'}: stopping after step {trainer.global_step}, "
+            f"checkpoint {path}"
+            + (f"; requeued SLURM job {self.requeued}" if self.requeued else "")
             + "; resume with --ckpt_path last"
         )
         raise SIGTERMException()
@@ -123,11 +168,15 @@ class Preemption(pl.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        """Puts back the handlers replaced; Lightning's teardown then restores those from before fit."""
+        """Puts back the handlers replaced (Lightning's teardown then restores those from before fit)
+        and the environment's auto-requeue."""
         if threading.current_thread() is threading.main_thread():
             for signum, previous in self._replaced.items():
                 signal.signal(signum, previous)
         self._replaced = {}
+        if self._environment is not None:
+            self._environment.auto_requeue = True
+            self._environment = None
 
 
 class BadDataGuard(pl.Callback):

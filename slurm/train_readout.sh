@@ -11,9 +11,10 @@
 #   GPUS_PER_NODE  processes (GPUs) per node (default SLURM_NTASKS_PER_NODE, set by --ntasks-per-node)
 #   PYTHON         the interpreter (default .venv/bin/python if there is one, else python)
 #
-# One process per GPU, started by srun, so Lightning uses its SLURMEnvironment: ranks from SLURM_PROCID,
-# the address of the first node, and auto-requeue. 90 s before the time limit SLURM sends SIGUSR1;
-# Lightning then saves <RUN_DIR>/hpc_ckpt_<n>.ckpt and calls `scontrol requeue $SLURM_JOB_ID`. The job
+# One process per GPU, started by srun, so Lightning uses its SLURMEnvironment: ranks from SLURM_PROCID
+# and the address of the first node. 90 s before the time limit SLURM sends SIGUSR1; readout.fit (not
+# Lightning's own handler) finishes the running step, all ranks agree, rank 0 saves
+# <RUN_DIR>/hpc_ckpt_<n>.ckpt and calls `scontrol requeue $SLURM_JOB_ID`, and every rank exits 0. The job
 # comes back with the same id, so the same RUN_DIR, and `--ckpt_path last` resumes from the newest of
 # hpc_ckpt_*.ckpt and last*.ckpt there (step, optimiser, μ/σ statistics, position in the data).
 #

@@ -1,9 +1,11 @@
 """slurm/train_readout.sh without a cluster: the batch script's own launch path on CPU, under SLURM's
 variables, with a fake ``srun`` (runs its arguments) and a fake ``scontrol`` (records the requeue).
 
-The requeue test plays what SLURM does near the time limit: SIGUSR1 to the task, Lightning saves
-``hpc_ckpt_1.ckpt`` and calls ``scontrol requeue``, SLURM sends SIGTERM, and the requeued job runs the
-same script again, which must resume from that checkpoint.
+The requeue test plays what SLURM does near the time limit: SIGUSR1 to the task (and its data loader
+worker) in the middle of a step. readout.faults.Preemption finishes the step, saves ``hpc_ckpt_1.ckpt``,
+calls ``scontrol requeue`` and exits 0; Lightning's own SLURM handler (a save inside the signal
+handler) must not act. The requeued job runs the same script again, which must resume from that
+checkpoint.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from test_fit import REPO, clean_env, tiny_config, write_config
 
 from readout.data.synthetic import write_shards
+from readout.faults import requeue_slurm_job
 
 SCRIPT = REPO / "slurm" / "train_readout.sh"
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
@@ -98,7 +102,7 @@ def step_processes(pid: int) -> list[int]:
     return found
 
 
-def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(tmp_path):
+def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resumes_from_it(tmp_path):
     write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
     run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
     config = tiny_config(tmp_path / "shards")  # 6 steps; the job's arguments say 5
@@ -107,7 +111,7 @@ def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(
     config["trainer"]["callbacks"].append(
         {
             "class_path": "probe.Probe",
-            "init_args": {"steps_file": str(steps), "hold_at": 3, "marker": str(marker)},
+            "init_args": {"steps_file": str(steps), "hold_at": 2, "marker": str(marker)},
         }
     )
     requeue_log = tmp_path / "scontrol.log"
@@ -115,20 +119,27 @@ def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(
 
     first_log = tmp_path / "first.out"
     job = start_job(env, first_log)
-    pid = int(wait_for(marker, job, first_log))  # held after step 3; last.ckpt is from step 2
+    pid = int(wait_for(marker, job, first_log))  # held in step 3, between forward and backward
     processes = step_processes(pid)
     assert len(processes) > 1, "no data loader worker to signal"
     for process in processes:
         os.kill(process, signal.SIGUSR1)
-    assert wait_for(requeue_log, job, first_log) == f"requeue {JOB_ID}\n"
-    for process in step_processes(pid):
-        os.kill(process, signal.SIGTERM)
-    assert job.wait(timeout=120) == 0, first_log.read_text()[-3000:]
+    assert job.wait(timeout=120) == 0, first_log.read_text()[-3000:]  # exits by itself, as requeued
     first = first_log.read_text()
+    assert requeue_log.read_text() == f"requeue {JOB_ID}\n", first[-3000:]
     assert "estimating μ/σ" in first and not (run_dir / "export").exists()
+    assert "Handling auto-requeue signal" not in first, "Lightning's SLURM handler acted as well"
+    assert (
+        f"SIGUSR1: stopping after step 3, checkpoint {run_dir / 'hpc_ckpt_1.ckpt'}; "
+        f"requeued SLURM job {JOB_ID}" in first
+    ), first[-3000:]
+    assert [int(s) for s in steps.read_text().split()] == [0, 1, 2]
 
+    # Saved once, after step 3 was whole: not at step 2 inside the handler, as Lightning's would.
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["hpc_ckpt_1.ckpt"]
     hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)
     assert hpc["global_step"] == 3
+    assert all(s["step"] == 3 for s in hpc["optimizer_states"][0]["state"].values())
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
 
     second_log = tmp_path / "second.out"
@@ -147,3 +158,25 @@ def test_requeue_signal_saves_a_checkpoint_and_the_requeued_job_resumes_from_it(
             assert torch.equal(last["state_dict"][key], value), key
     assert (run_dir / "export" / "readout.json").is_file()
     assert requeue_log.read_text() == f"requeue {JOB_ID}\n"  # the second run was not signalled
+
+
+def test_requeue_names_the_job_or_array_task_and_warns_where_it_cannot(tmp_path, monkeypatch):
+    log = tmp_path / "scontrol.log"
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SCONTROL_LOG", str(log))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    assert requeue_slurm_job() == "4243"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert requeue_slurm_job() == "4200_7"  # the task, not the whole array
+    assert log.read_text() == "requeue 4243\nrequeue 4200_7\n"
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    with pytest.warns(
+        UserWarning, match=r"cannot requeue the SLURM job .*resume it by hand with --ckpt_path last"
+    ):
+        assert requeue_slurm_job() is None
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7; rm -rf /")
+    with pytest.warns(UserWarning, match=r"not a SLURM job id: '4200_7; rm -rf /'"):
+        assert requeue_slurm_job() is None

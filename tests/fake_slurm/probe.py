@@ -1,9 +1,10 @@
 """A callback that lets tests watch and interrupt a readout.fit run in another process.
 
 It appends the global step of every training batch to ``steps_file`` (one line per batch, so a
-resumed run shows where it picked up). After step ``hold_at`` it writes its process id to ``marker``
-and holds the run until SIGTERM, as a job that SLURM has signalled waits for its requeue: the test
-sends SIGUSR1 when the marker appears, and SIGTERM once the requeue is recorded.
+resumed run shows where it picked up). In step ``hold_at`` (global step before it), between the
+forward and the backward pass, it writes its process id to ``marker`` and holds the run until
+:class:`readout.faults.Preemption` has received a signal: the test sends SIGUSR1 when the marker
+appears, so the signal lands in the middle of a step.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+
+from readout.faults import Preemption
 
 
 class Probe(pl.Callback):
@@ -23,10 +27,11 @@ class Probe(pl.Callback):
         with self.steps_file.open("a") as f:
             f.write(f"{trainer.global_step}\n")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if trainer.global_step != self.hold_at:
             return
+        (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]  # type: ignore[attr-defined]
         Path(self.marker).write_text(str(os.getpid()))
         deadline = time.monotonic() + self.timeout
-        while not trainer.received_sigterm and time.monotonic() < deadline:
+        while preemption.received is None and time.monotonic() < deadline:
             time.sleep(0.05)
