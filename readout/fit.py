@@ -10,19 +10,23 @@ without Lightning.
 
 Faults (see readout.faults and readout.checkpointing): checkpoints are written atomically and read
 with ``weights_only=True`` after a whole-file check; ``--ckpt_path last`` passes over a corrupt one to
-the previous good one and says so; SIGTERM (or SIGUSR1 outside SLURM) saves a checkpoint at the end
-of the step and exits 0; too many corrupt samples stop the run naming the worst shards; in a DDP
-run a rank whose peer died or stalled past the timeout says so and exits.
+the previous good one and says so; SIGTERM or SIGUSR1 saves a checkpoint at the end of the step and
+exits 0 (under SLURM, SIGUSR1 also requeues the job first); too many corrupt samples stop the run
+naming the worst shards; in a DDP run a rank whose peer died or stalled past the timeout says so and
+exits. A config whose parts do not fit together (image and input size, layers) fails before any data
+is read.
 """
 
 from __future__ import annotations
 
+import glob
+import posixpath
 import re
 import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 from jsonargparse import Namespace
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -82,14 +86,14 @@ def move_run(config: Namespace, run_dir: str) -> None:
 
     One directory per run is what a requeued SLURM job needs to find its checkpoints again; a config's
     paths cannot be overridden one by one from the command line when they sit in a list of callbacks.
+    Paths are handled as strings, so ``run_dir`` may be an fsspec URL (``s3://bucket/run``).
     """
     old = config.trainer.default_root_dir
     config.trainer.default_root_dir = run_dir
 
     def rebase(path: str | None) -> str | None:
-        if path is None or old is None or not Path(path).is_relative_to(old):
-            return path
-        return str(Path(run_dir) / Path(path).relative_to(old))
+        inside = None if path is None or old is None else relative_to(path, old)
+        return path if inside is None else join_path(run_dir, inside)
 
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
     for component in [*loggers, *(config.trainer.callbacks or [])]:
@@ -100,14 +104,32 @@ def move_run(config: Namespace, run_dir: str) -> None:
     config.export_dir = rebase(config.export_dir)
 
 
+def _normalised(path: str) -> str:
+    """A local path without ``./`` or ``//``; a URL unchanged but for trailing slashes."""
+    return path.rstrip("/") if "://" in path else posixpath.normpath(path)
+
+
+def relative_to(path: str, root: str) -> str | None:
+    """``path`` relative to ``root`` ("" for root itself), or None where it lies outside; paths or URLs."""
+    path, root = _normalised(path), _normalised(root)
+    if path == root:
+        return ""
+    return path[len(root) + 1 :] if path.startswith(root.rstrip("/") + "/") else None
+
+
+def join_path(root: str, relative: str) -> str:
+    """``root/relative`` for a local path or an fsspec URL (pathlib would turn ``s3://`` into ``s3:/``)."""
+    return posixpath.join(root, relative) if relative else root
+
+
 def resolve_checkpoint(ckpt_path: str | None, root: str) -> str | None:
     """'last' means the newest checkpoint of the run directory, or a fresh start if there is none.
 
     Candidates: ``last*.ckpt`` anywhere under ``root`` (ModelCheckpoint's) and ``root/hpc_ckpt_*.ckpt``
-    (what Lightning saves on SLURM's requeue signal, and readout.faults.Preemption on SIGTERM or
-    SIGUSR1). Lightning looks for the latter only when no checkpoint is given, so it has to be weighed
-    here. On equal times (coarse clocks of network file systems) the signal's checkpoint wins: it is
-    written after the periodic one of the same step.
+    (what readout.faults.Preemption saves on SIGTERM or SIGUSR1, SLURM's requeue signal included).
+    Lightning looks for the latter only when no checkpoint is given, so it has to be weighed here. On
+    equal times (coarse clocks of network file systems) the signal's checkpoint wins: it is written
+    after the periodic one of the same step.
     """
     if ckpt_path != "last":
         return ckpt_path
@@ -118,19 +140,50 @@ def resolve_checkpoint(ckpt_path: str | None, root: str) -> str | None:
 def resume_candidates(root: str, fallbacks: bool = False) -> list[str]:
     """The checkpoints ``--ckpt_path last`` may take, newest first (see :func:`resolve_checkpoint`).
 
-    ``fallbacks`` appends the run's other ``*.ckpt`` (ModelCheckpoint's top-k), newest first: where
-    the newest is corrupt, the previous good one may be one of them.
+    ``root`` is a local path or an fsspec URL; the candidates are listed through fsspec and named as
+    ``root`` is (``memory://run/checkpoints/last.ckpt``). ``fallbacks`` appends the run's other
+    ``*.ckpt`` (ModelCheckpoint's top-k), newest first: where the newest is corrupt, the previous good
+    one may be one of them.
     """
-    base = Path(root)
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
 
-    def newest_first(paths: list[Path]) -> list[str]:
-        ranked = sorted(paths, key=lambda p: (p.stat().st_mtime_ns, p.name.startswith("hpc_ckpt_")))
-        return [str(p) for p in reversed(ranked)]
+    def found(pattern: str) -> list[str]:
+        return [p for p in fs.glob(f"{glob.escape(base)}/{pattern}") if fs.isfile(p)]
 
-    primary = newest_first([*base.glob("hpc_ckpt_*.ckpt"), *base.glob("**/last*.ckpt")])
+    def newest_first(paths: list[str]) -> list[str]:
+        ranked = sorted(
+            set(paths), key=lambda p: (modified(fs, p), posixpath.basename(p).startswith("hpc_ckpt_"))
+        )
+        return [join_path(root, p[len(base) + 1 :]) for p in reversed(ranked)]
+
+    primary = newest_first([*found("hpc_ckpt_*.ckpt"), *found("**/last*.ckpt")])
     if not fallbacks:
         return primary
-    return primary + [p for p in newest_first(list(base.glob("**/*.ckpt"))) if p not in primary]
+    return primary + [p for p in newest_first(found("**/*.ckpt")) if p not in primary]
+
+
+def modified(fs: fsspec.AbstractFileSystem, path: str) -> float:
+    """When ``path`` last changed, in seconds since the epoch (0 where the file system cannot say)."""
+    try:
+        return float(fs.modified(path).timestamp())
+    except NotImplementedError:
+        info = fs.info(path)
+        return float(info.get("mtime") or 0.0)
+
+
+def check_input_size(model: ReadoutModule, data: ReadoutDataModule) -> None:
+    """Raises ValueError, before any data is read, unless the training crops have the input size the
+    readout is built for: its μ/σ and the bottleneck hold one value per position of that input."""
+    classifier = model.attributor.classifier
+    if data.image_size == classifier.input_size:
+        return
+    source = "" if model.hparams["input_size"] is not None else f", the default of {classifier.name!r}"
+    raise ValueError(
+        f"data.image_size is {data.image_size} but model.input_size is {classifier.input_size}{source}: "
+        f"the readout's statistics are per position of a {classifier.input_size}-px input. Set "
+        f"data.image_size and model.input_size to the same value"
+    )
 
 
 def checkpoint_to_resume(ckpt_path: str | None, root: str, model: ReadoutModule) -> str | None:
@@ -178,6 +231,7 @@ def main(args: list[str] | None = None) -> ReadoutCLI:
         parser_kwargs={"prog": "python -m readout.fit", "description": __doc__.splitlines()[0]},
     )
     trainer = cli.trainer
+    check_input_size(cli.model, cli.datamodule)
     ckpt_path = checkpoint_to_resume(cli.config.ckpt_path, trainer.default_root_dir, cli.model)
     explain_observer_kills(trainer)
     try:
@@ -191,7 +245,7 @@ def main(args: list[str] | None = None) -> ReadoutCLI:
             print(peer_failure_message(trainer, error), file=sys.stderr, flush=True)
         raise
     if trainer.is_global_zero and not trainer.interrupted:
-        out = cli.config.export_dir or str(Path(trainer.default_root_dir) / "export")
+        out = cli.config.export_dir or join_path(trainer.default_root_dir, "export")
         export_module(cli.model, out)
         print(f"exported the readout to {out}")
     return cli

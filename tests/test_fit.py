@@ -6,9 +6,12 @@ synthetic-cnn on 64-px shards that takes a few seconds.
 
 from __future__ import annotations
 
+import io
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 import yaml
@@ -16,8 +19,9 @@ from jsonargparse import ArgumentParser, dict_to_namespace
 
 from readout.data.synthetic import write_shards
 from readout.datamodule import ReadoutDataModule
+from readout.fit import checkpoint_to_resume, move_run, resolve_checkpoint, resume_candidates
 from readout.fit import main as fit
-from readout.fit import move_run, resolve_checkpoint
+from readout.lit import ReadoutModule
 from readout.readout_bottleneck import ReadoutBottleneck
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +130,56 @@ def test_resolve_checkpoint_takes_the_newest_of_last_and_hpc(tmp_path):
     assert resolve_checkpoint("last", str(tmp_path)) == str(hpc2)
 
 
+@pytest.fixture
+def memory_run(request: pytest.FixtureRequest):
+    """A run directory ``memory://<test name>`` in fsspec's in-process memory file system, removed after."""
+    fs = fsspec.filesystem("memory")
+    root = f"/{request.node.name.replace('[', '-').replace(']', '')}"
+    yield fs, root
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def put(fs, path: str, payload: bytes, mtime: float) -> str:
+    """Writes ``payload`` to ``path`` of the memory file system and dates it at ``mtime``."""
+    fs.pipe(path, payload)
+    fs.store[path].modified = datetime.fromtimestamp(mtime, UTC)
+    return f"memory://{path}"
+
+
+def test_resume_candidates_of_an_fsspec_url_are_listed_through_fsspec_newest_first(memory_run):
+    """Path.glob found nothing under ``s3://`` or ``memory://``: ``--ckpt_path last`` started over."""
+    fs, root = memory_run
+    last = put(fs, f"{root}/checkpoints/last.ckpt", b"x", 2000)
+    top_k = put(fs, f"{root}/checkpoints/epoch=0-step=3.ckpt", b"x", 3000)  # a fallback only
+    hpc = put(fs, f"{root}/hpc_ckpt_1.ckpt", b"x", 1000)
+    url = f"memory://{root}"
+    assert resume_candidates(url) == [last, hpc]
+    assert resume_candidates(url, fallbacks=True) == [last, hpc, top_k]
+    assert resolve_checkpoint("last", url) == last
+    tie = put(fs, f"{root}/hpc_ckpt_2.ckpt", b"x", 2000)  # a tie: the signal's is written after
+    assert resume_candidates(url) == [tie, last, hpc]
+    assert resume_candidates(f"memory://{root}/missing") == []
+
+
+def test_checkpoint_to_resume_of_an_fsspec_url_falls_back_past_a_corrupt_checkpoint(memory_run):
+    fs, root = memory_run
+    torch.manual_seed(0)
+    model = ReadoutModule(classifier="synthetic-cnn", weights=None, estimate_samples=8)
+    checkpoint = {
+        "state_dict": {},
+        "optimizer_states": [],
+        "loops": {},
+        "readout_classifier": {"name": "synthetic-cnn", "fingerprint": model.fingerprint},
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    good = put(fs, f"{root}/checkpoints/last.ckpt", buffer.getvalue(), 1000)
+    corrupt = put(fs, f"{root}/hpc_ckpt_1.ckpt", buffer.getvalue()[:100], 2000)  # truncated
+    with pytest.warns(UserWarning, match=rf"cannot resume from {corrupt}: .*falling back to {good}"):
+        assert checkpoint_to_resume("last", f"memory://{root}", model) == good
+
+
 def test_move_run_rebases_what_lies_under_the_old_run_directory():
     config = dict_to_namespace(yaml.safe_load((REPO / "configs" / "resnet50.yaml").read_text()))
     move_run(config, "/scratch/r50-7")
@@ -138,6 +192,11 @@ def test_move_run_rebases_what_lies_under_the_old_run_directory():
     move_run(demo, "elsewhere")
     assert demo.trainer.callbacks[0].init_args.dirpath == "elsewhere/checkpoints"
     assert demo.export_dir == "checkpoints/readout-demo"  # not under runs/demo: stays
+
+    move_run(config, "s3://bucket/r50-8")  # pathlib would make it s3:/bucket/...
+    assert config.trainer.logger.init_args.save_dir == "s3://bucket/r50-8"
+    assert config.trainer.callbacks[0].init_args.dirpath == "s3://bucket/r50-8/checkpoints"
+    assert config.export_dir == "s3://bucket/r50-8/export"
 
 
 def test_validation_can_be_turned_off_from_the_command_line(shards64):
@@ -209,6 +268,23 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
     assert statistics.count.item() == 8
     torch.testing.assert_close(statistics.total, uninterrupted.model.attributor.statistics.total)
     assert (tmp_path / "run" / "export" / "readout.json").is_file()
+
+
+def test_a_run_in_an_fsspec_url_resumes_from_its_last_checkpoint(
+    uninterrupted, shards64, tmp_path, memory_run, no_slurm
+):
+    """3 steps, then ``--ckpt_path last`` in ``memory://``: the weights of the 6-step run, not a new run."""
+    fs, root = memory_run
+    config = str(write_config(tmp_path / "tiny.yaml", tiny_config(shards64)))
+    run = ["--config", config, "--run_dir", f"memory://{root}"]
+    fit([*run, "--trainer.max_steps", "3"])
+    second = fit([*run, "--ckpt_path", "last"])
+    assert second.trainer.ckpt_path == f"memory://{root}/checkpoints/last.ckpt"
+    assert second.trainer.global_step == 6
+    expected, got = readout_weights(uninterrupted), readout_weights(second)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert fs.isfile(f"{root}/export/readout.json") and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
