@@ -64,6 +64,8 @@ class ReadoutModule(pl.LightningModule):
         noise_seed: seed of the per-sample noise.
         nonfinite: what a NaN or Inf loss or gradient does: stop the run (the last checkpoint stays),
             or skip the batch without an optimiser step and count it (``train/nonfinite_skipped``).
+        channels_last: keep the frozen classifier, the readout net and the images in channels_last
+            memory format (faster convolutions on GPUs with tensor cores; the same loss up to rounding).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ReadoutModule(pl.LightningModule):
         collapse: Literal["warn", "stop", "ignore"] = "warn",
         noise_seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if beta <= 0:
@@ -102,12 +105,17 @@ class ReadoutModule(pl.LightningModule):
         check_layers(network, layer, taps)
         self.attributor = ReadoutBottleneck(network, layer, taps, sigma, min_std, active_threshold)
         self.fingerprint = classifier_fingerprint(network)
+        if channels_last:
+            # Lightning's later move to the device keeps the layout (preserve_format); so does Adam's state.
+            self.attributor.classifier.to(memory_format=torch.channels_last)
+            self.attributor.net.to(memory_format=torch.channels_last)
         classes = network.num_classes
         self.accuracy = MulticlassAccuracy(classes, average="micro")
         self.accuracy_bottleneck = MulticlassAccuracy(classes, average="micro")
         self.fixed_images: torch.Tensor | None = None
         self._step_started = 0.0
         self.nonfinite_skipped = 0
+        self._skip_update = False
 
     # ----------------------------------------------------------------------------------------------------
     # The estimator stage
@@ -130,6 +138,8 @@ class ReadoutModule(pl.LightningModule):
     def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Loss = CE(classifier after the bottleneck, label) + β/k·Σ KL, mean over the batch."""
         images, labels = batch["image"], batch["label"]
+        if self.hparams["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
         logits, features, readout = self.attributor.first_pass(images)
         alpha = self.attributor.alpha(readout)
         noise = sample_noise(list(batch["key"]), self.global_step, features, self.hparams["noise_seed"])
@@ -156,7 +166,7 @@ class ReadoutModule(pl.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.shared_step(batch)
         # Every rank takes part, so all stop or skip together (a lone skip would leave DDP's others
         # waiting in the gradient all-reduce).
@@ -164,7 +174,7 @@ class ReadoutModule(pl.LightningModule):
             self.nonfinite_batch(
                 f"loss is {out['loss'].item()} (ce {out['ce'].item()}, bits {out['bits'].item()})"
             )
-            return None  # Lightning skips backward and the optimiser's update
+            return self.skipped_loss()
         labels = batch["label"]
         size = len(labels)
         self.log_dict(
@@ -192,15 +202,34 @@ class ReadoutModule(pl.LightningModule):
         if every and self.global_step % every == 0 and self.fixed_images is not None:
             self.log_heatmaps()
 
+    def skipped_loss(self) -> torch.Tensor:
+        """What a skipped batch returns: 0·Σ parameters, whose gradients are exact zeros.
+
+        Not None: Lightning refuses a ``training_step`` that returns None under DDP, and DDP (without
+        ``find_unused_parameters``) expects every rank's backward pass to reach every parameter. The
+        zeros are all-reduced like any gradient, then :meth:`on_before_optimizer_step` drops them so
+        that Adam's moments and step count stay as they were (the update of an accumulation window
+        holding a skipped batch is dropped whole).
+        """
+        self._skip_update = True
+        return torch.stack([p.sum() for p in self.attributor.net.parameters()]).sum() * 0.0
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:
+            self._skip_update = False
+            self.drop_gradients()
+            return
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16's GradScaler skips steps with Inf gradients itself
         grads = [p.grad for p in self.attributor.net.parameters() if p.grad is not None]
         # After DDP's all-reduce the gradients are the same on every rank: so is this decision.
         if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
             self.nonfinite_batch("a gradient of the readout net is NaN or Inf")
-            for parameter in self.attributor.net.parameters():
-                parameter.grad = None  # Adam leaves parameters without a gradient untouched
+            self.drop_gradients()
+
+    def drop_gradients(self) -> None:
+        for parameter in self.attributor.net.parameters():
+            parameter.grad = None  # Adam leaves parameters without a gradient untouched
 
     def nonfinite_batch(self, what: str) -> None:
         """Stops the run (``nonfinite='stop'``) or counts a batch skipped (``'skip'``)."""
@@ -248,7 +277,8 @@ class ReadoutModule(pl.LightningModule):
         message = (
             f"the readout bottleneck has collapsed: top-1 through the bottleneck is {noisy:.3f} against "
             f"{clean:.3f} without it (chance {chance:.3f}). The information penalty wins over the "
-            f"classification loss: lower model.beta (the synthetic demo uses 1, not 10) or model.lr."
+            f"classification loss: lower model.beta (configs/demo.yaml uses 3 on the synthetic set, "
+            f"not the paper's 10) or model.lr."
         )
         rank_zero_warn(message)
         if self.hparams["collapse"] == "stop":
@@ -305,15 +335,28 @@ class ReadoutModule(pl.LightningModule):
 def check_layers(network: Classifier, layer: str | None, taps: list[str] | None) -> None:
     """Raises ValueError naming ``model.layer`` or ``model.taps`` and the valid choices.
 
-    The bottleneck's layer needs a spatial activation and layers after it (the classifier's output
-    cannot be one); readout taps may be any layer, the output included (the paper reads the logits).
+    The rules (None means the registry's default, which keeps them):
+    - ``model.taps``: at least one layer, each a layer of the classifier, none twice. Taps may lie
+      anywhere, before the bottleneck or after it, the classifier's output included: the paper's
+      resnet50 readout sits at conv2_3 and reads conv2_3, conv3_4, conv4_6, conv5_3 and the logits.
+    - ``model.layer``: a layer of the classifier with a spatial (B, C, h, w) activation, strictly
+      before the classifier's output (the layers after it score the noisy activation).
     """
     names = list(network.taps)
-    unknown = [tap for tap in taps or [] if tap not in network.taps]
-    if unknown:
-        raise ValueError(
-            f"model.taps {unknown} are not layers of {network.name!r}; valid: {', '.join(names)}"
-        )
+    if taps is not None:
+        if not taps:
+            raise ValueError(
+                f"model.taps is empty: name at least one layer of {network.name!r} (null: the "
+                f"classifier's default); valid: {', '.join(names)}"
+            )
+        unknown = [tap for tap in taps if tap not in network.taps]
+        if unknown:
+            raise ValueError(
+                f"model.taps {unknown} are not layers of {network.name!r}; valid: {', '.join(names)}"
+            )
+        twice = sorted({tap for tap in taps if taps.count(tap) > 1}, key=taps.index)
+        if twice:
+            raise ValueError(f"model.taps lists {twice} more than once; each layer is read once")
     if layer is None:
         return
     output = max(names, key=network.taps.__getitem__)
@@ -321,9 +364,9 @@ def check_layers(network: Classifier, layer: str | None, taps: list[str] | None)
     valid = [name for name in names if known[name].spatial and name != output]
     if layer not in valid:
         why = (
-            "is the classifier's output: the bottleneck needs layers after it"
+            "is the classifier's output: the bottleneck must lie strictly before it, with layers after it"
             if layer == output
-            else "has no spatial activation"
+            else "has no spatial activation (the bottleneck needs a (B, C, h, w) map)"
             if layer in known
             else f"is not a layer of {network.name!r}"
         )

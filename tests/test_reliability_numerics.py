@@ -1,21 +1,27 @@
 """NaN or Inf in the loss or the gradients: the run stops with the last good checkpoint kept, or
-(``--model.nonfinite skip``) the batch is skipped without an optimiser step and counted."""
+(``--model.nonfinite skip``) the batch is skipped without an optimiser step and counted, on one
+process and on two (gloo), where a NaN on one rank makes both skip the step."""
 
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import test_reliability as shared
 import torch
+from test_ddp import ddp_env
 from test_reliability import fit_args
 
 from readout.checkpointing import read_checkpoint
 from readout.fit import main as fit
 from readout.lit import ReadoutModule
 
+TESTS = Path(__file__).resolve().parent
 one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
 
 
@@ -100,3 +106,61 @@ def test_the_skip_count_survives_a_resume(shards, tmp_path, monkeypatch, no_slur
     fit([*fit_args(shards, run), "--model.nonfinite", "skip", "--trainer.max_steps", "2"])
     resumed = fit([*fit_args(shards, run), "--model.nonfinite", "skip", "--ckpt_path", "last"])
     assert resumed.model.nonfinite_skipped == 1 and resumed.trainer.global_step == 6
+
+
+class NanImagesAt(pl.Callback):
+    """On rank ``rank`` makes the images of step ``at`` NaN, so only that rank's loss is NaN. Every rank
+    records the readout's weights around each step and, at the end, saves them with its skip count
+    to ``<out>/rank<r>.pt``."""
+
+    def __init__(self, at: int, rank: int, out: str) -> None:
+        self.at, self.rank, self.out = at, rank, Path(out)
+        self.changed: dict[int, bool] = {}
+
+    @staticmethod
+    def flat(pl_module: Any) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in pl_module.attributor.net.parameters()])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.at and trainer.global_rank == self.rank:
+            batch["image"].fill_(float("nan"))
+        self.before = self.flat(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        self.changed[trainer.global_step - 1] = not torch.equal(self.before, self.flat(pl_module))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        torch.save(
+            {
+                "skipped": pl_module.nonfinite_skipped,
+                "changed": self.changed,
+                "weights": self.flat(pl_module),
+                "steps": trainer.global_step,
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.ddp
+def test_skip_under_ddp_a_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path):
+    """Two gloo processes; rank 1's loss is NaN at step 2: both skip it, count 1, train on, and end with
+    the same weights."""
+    watch = {"class_path": f"{__name__}.NanImagesAt", "init_args": {"at": 2, "rank": 1, "out": str(tmp_path)}}
+    args = fit_args(shards, tmp_path / "run", callbacks=[watch], devices=2, strategy="ddp", max_steps=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "readout.fit", *args, "--model.nonfinite", "skip"],
+        env={**ddp_env(), "PYTHONPATH": str(TESTS)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["steps"] == 4 and rank["skipped"] == 1
+        assert rank["changed"] == {0: True, 1: True, 2: False, 3: True}
+    torch.testing.assert_close(ranks[0]["weights"], ranks[1]["weights"], rtol=0, atol=0)
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert checkpoint["readout_nonfinite_skipped"] == 1
+    assert all(s["step"] == 3 for s in checkpoint["optimizer_states"][0]["state"].values())
