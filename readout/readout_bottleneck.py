@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from readout.attributor import BottleneckAttributor, Explanation
+from readout.attributor import BottleneckAttributor, Explanation, checked_target
 from readout.backbones import Classifier, backbone_spec, tap_info
 from readout.bottleneck import LN2, FeatureStatistics, information_map
 from readout.readout_net import ReadoutNet, stack_readout_features
@@ -98,9 +98,11 @@ class ReadoutBottleneck(BottleneckAttributor):
         """The heatmap alone: one classifier pass and the readout net, no pass through the suffix.
 
         The readout's α does not depend on the target (the paper's readout reads the logits instead),
-        so ``target`` is accepted for the common call contract only.
+        so ``target`` is accepted for the common call contract only; a bad one is still refused.
         """
         self.check_images(images)
+        if target is not None:
+            checked_target(target, len(images), self.classifier.num_classes, images.device)
         _, features, readout = self.first_pass(images)
         kl = self.bottleneck.information(features, self.alpha(readout))
         return information_map(kl, tuple(images.shape[-2:]))

@@ -71,3 +71,13 @@ def test_default_taps_come_from_the_registry():
 def test_unknown_tap_is_a_clear_error():
     with pytest.raises(KeyError, match="conv9_9.*valid layers"):
         ReadoutBottleneck(load_classifier("synthetic-cnn", weights=None), taps=["block1", "conv9_9"])
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [(6, r"class indices in \[0, 6\)"), (torch.tensor([0, 1, 2]), "the batch has 2 images")],
+)
+def test_a_bad_target_is_refused_though_the_heatmap_does_not_use_it(readout, target, message):
+    with pytest.raises(ValueError, match=message):
+        readout(torch.rand(2, 3, 64, 64), target)
+    assert readout(torch.rand(2, 3, 64, 64), torch.tensor([0, 5])).shape == (2, 64, 64)
