@@ -146,35 +146,95 @@ def decode_sample(raw: dict[str, Any]) -> ShardSample:
 
     Raises :class:`SampleError` with a reason from :data:`SKIP_REASONS` when anything is missing or broken.
     """
-    key = raw.get("__key__", "?")
-    where = f"sample {key!r} of {raw.get('__url__', '?')}"
-    if "cls" not in raw:
-        raise SampleError("missing_cls", f"{where} has no 'cls'")
-    try:
-        label = int(raw["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError) as error:
-        raise SampleError("bad_cls", f"{where}: 'cls' is not an integer ({error})") from error
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-    if ext is None:
-        raise SampleError("missing_image", f"{where} has no jpg or png")
+    where = _where(raw)
+    label = _label(raw, where)
+    ext = _image_ext(raw, where)
     try:
         image = decode_image(raw[ext])
     except Exception as error:  # PIL raises many kinds on broken data
         raise SampleError("unreadable_image", f"{where}: cannot decode {ext} ({error})") from error
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        boxes = [(float(a), float(b), float(c), float(d)) for a, b, c, d in meta.get("bbox", [])]
-    except (ValueError, TypeError) as error:
-        raise SampleError("bad_json", f"{where}: bad json ({error})") from error
+    meta, boxes = _meta(raw, where)
     mask = None
     if "mask.png" in raw:
         try:
             mask = decode_mask(raw["mask.png"])
         except Exception as error:
             raise SampleError("bad_mask", f"{where}: cannot decode mask.png ({error})") from error
-        if mask.shape != image.shape[:2]:
-            raise SampleError("bad_mask", f"{where}: mask {mask.shape} differs from image {image.shape[:2]}")
-    return ShardSample(key, image, label, str(meta.get("label", label)), boxes, mask)
+        _check_mask_size(mask.shape, image.shape[:2], where)
+    return ShardSample(raw.get("__key__", "?"), image, label, str(meta.get("label", label)), boxes, mask)
+
+
+def check_sample(raw: dict[str, Any]) -> tuple[int, tuple[int, int]]:
+    """Raises the :class:`SampleError` that :func:`decode_sample` would raise, without decoding pixels;
+    returns the label and the image's (H, W), read from its header.
+
+    For passing over samples cheaply (a resumed run skipping what it trained on). It reads the headers
+    of the image and the mask, verifies a PNG's chunk checksums and that a JPEG's last scan ends in
+    an end-of-image marker, so a file cut short is caught. What it misses: compressed data broken
+    under whole headers, checksums and markers. :mod:`readout.data.imagenet` decodes every file it
+    writes, so its shards hold no such file.
+    """
+    where = _where(raw)
+    label = _label(raw, where)
+    ext = _image_ext(raw, where)
+    try:
+        width, height = image_header(raw[ext])
+    except Exception as error:
+        raise SampleError("unreadable_image", f"{where}: cannot decode {ext} ({error})") from error
+    _meta(raw, where)
+    if "mask.png" in raw:
+        try:
+            mask_width, mask_height = image_header(raw["mask.png"])
+        except Exception as error:
+            raise SampleError("bad_mask", f"{where}: cannot decode mask.png ({error})") from error
+        _check_mask_size((mask_height, mask_width), (height, width), where)
+    return label, (height, width)
+
+
+def image_header(data: bytes) -> tuple[int, int]:
+    """(W, H) of encoded image bytes from the header; raises where the file is cut short (see
+    :func:`check_sample`) or is no image."""
+    with Image.open(io.BytesIO(data)) as image:
+        size = image.size
+        if image.format == "JPEG" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+            # 0xFF is stuffed inside entropy-coded data, so these bytes are markers: EOI after the last SOS
+            raise OSError("image file is truncated (no end-of-image marker after the last scan)")
+        image.verify()  # PNG: reads every chunk and checks its CRC
+    return size
+
+
+def _where(raw: dict[str, Any]) -> str:
+    return f"sample {raw.get('__key__', '?')!r} of {raw.get('__url__', '?')}"
+
+
+def _label(raw: dict[str, Any], where: str) -> int:
+    if "cls" not in raw:
+        raise SampleError("missing_cls", f"{where} has no 'cls'")
+    try:
+        return int(raw["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise SampleError("bad_cls", f"{where}: 'cls' is not an integer ({error})") from error
+
+
+def _image_ext(raw: dict[str, Any], where: str) -> str:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if ext is None:
+        raise SampleError("missing_image", f"{where} has no jpg or png")
+    return ext
+
+
+def _meta(raw: dict[str, Any], where: str) -> tuple[dict[str, Any], list[Box]]:
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        boxes = [(float(a), float(b), float(c), float(d)) for a, b, c, d in meta.get("bbox", [])]
+    except (ValueError, TypeError) as error:
+        raise SampleError("bad_json", f"{where}: bad json ({error})") from error
+    return meta, boxes
+
+
+def _check_mask_size(mask: tuple[int, ...], image: tuple[int, ...], where: str) -> None:
+    if tuple(mask) != tuple(image):
+        raise SampleError("bad_mask", f"{where}: mask {tuple(mask)} differs from image {tuple(image)}")
 
 
 def decode_mask(data: bytes) -> np.ndarray:
