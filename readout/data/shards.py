@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.transforms import v2
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from readout.data.format import MANIFEST_NAME, SKIP_REASONS, Manifest, SampleError, ShardSample, decode_sample
+from readout.data.format import MANIFEST_NAME, SKIP_REASONS, Manifest, SampleError, decode_sample
 from readout.data.transforms import eval_transform, train_transform, transform_sample
 
 Mode = Literal["train", "eval"]
@@ -310,7 +310,7 @@ class ShardDataset(IterableDataset):
                     continue
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(int(rng.integers(2**62)))
-                    batch.append(transform_sample(sample, self.transform))
+                    batch.append(self.element(sample))
                 if len(batch) == self.batch_size:
                     yield default_collate(batch)
                     batch, quota = [], quota - 1
@@ -343,7 +343,7 @@ class ShardDataset(IterableDataset):
             sample = self._decode(raw)
             if sample is None:
                 continue
-            batch.append(transform_sample(sample, self.transform))
+            batch.append(self.element(sample))
             if len(batch) == self.batch_size:
                 yield default_collate(batch)
                 batch = []
@@ -368,9 +368,18 @@ class ShardDataset(IterableDataset):
         warnings.warn(f"skipping the rest of a shard: {error}", CorruptSampleWarning, stacklevel=2)
         return True
 
-    def _decode(self, raw: dict[str, Any]) -> ShardSample | None:
+    def decode(self, raw: dict[str, Any]) -> Any:
+        """A raw sample (member suffix -> bytes) -> what :meth:`element` takes. Raises
+        :class:`SampleError` to have the sample skipped and counted; subclasses may defer the decode."""
+        return decode_sample(raw)
+
+    def element(self, decoded: Any) -> dict[str, Any]:
+        """What :meth:`decode` gave -> one element of a batch; in train mode under the sample's seed."""
+        return transform_sample(decoded, self.transform)
+
+    def _decode(self, raw: dict[str, Any]) -> Any:
         try:
-            sample = decode_sample(raw)
+            sample = self.decode(raw)
         except SampleError as error:
             self.skips.add(error.reason, raw.get("__url__"))
             warnings.warn(f"skipping {error}", CorruptSampleWarning, stacklevel=2)
