@@ -9,7 +9,8 @@ numbers alone are never the result (CPU timings here are noisy, the ratio much l
 - ``readout``: readout training step and heatmaps against the plain classifier's step and inference.
 - ``ddp``: readout training on 1 process against N under DDP, as a scaling efficiency.
 - ``data``: shards stored at full size against resized, loader worker counts, PIL against batched
-  JPEG decode (on the GPU where one is present).
+  JPEG decode and train crops (on the GPU where one is present), and the loader against the readout
+  training step it has to feed.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ import statistics
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from copy import deepcopy
 from functools import partial
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -32,8 +37,8 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from readout.backbones import load_classifier
+from readout.lit import ReadoutModule
 from readout.per_sample import PerSample
-from readout.readout_bottleneck import ReadoutBottleneck
 from readout.reference import straightforward_heatmaps
 
 
@@ -51,7 +56,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def compare(
-    candidates: dict[str, Callable[[], object]], items: int, repeats: int, device: torch.device
+    candidates: Mapping[str, Callable[[], object]], items: int, repeats: int, device: torch.device
 ) -> dict:
     """Items per second of each candidate: median over ``repeats`` after one warm-up, order alternated."""
     for fn in candidates.values():
@@ -129,21 +134,117 @@ def plain_training_step(classifier: torch.nn.Module, images: torch.Tensor, label
     return step
 
 
-def readout_training_step(readout: ReadoutBottleneck, images, labels, shared: bool, suffix) -> Callable:
-    optimiser = torch.optim.Adam(readout.net.parameters(), lr=1e-5)
+def readout_module(
+    name: str, device: torch.device, batch_size: int, size: int | None = None, channels_last: bool = False
+) -> tuple[ReadoutModule, dict[str, Any]]:
+    """The product's module for classifier ``name`` (random init) at ``size`` px (default: the
+    classifier's), on ``device``, attached to a :func:`bare_trainer`, and a batch of random images
+    (:func:`bench_batch`) on which its μ/σ were estimated."""
+    module = ReadoutModule(classifier=name, weights=None, input_size=size, heatmap_every_n_steps=0)
+    module.to(device)
+    side = module.attributor.classifier.input_size
+    images = torch.rand(batch_size, 3, side, side, device=device)
+    module.attributor.estimate([images], progress=False)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    module.trainer = bare_trainer()  # type: ignore[assignment]
+    return module, bench_batch(images)
+
+
+def attached_copy(module: ReadoutModule) -> ReadoutModule:
+    """A deep copy of ``module`` with a :func:`bare_trainer` of its own (a copy drops the Trainer)."""
+    copy = deepcopy(module)
+    copy.trainer = bare_trainer()  # type: ignore[assignment]
+    return copy
+
+
+def bare_trainer() -> SimpleNamespace:
+    """What ``ReadoutModule.training_step`` and ``on_before_optimizer_step`` ask of a Trainer, outside
+    its loop: step 0, one process (the finite-loss decision is not reduced over ranks), no loss scaler,
+    and Lightning's barebones mode, in which ``self.log`` returns at once (with a warning, silenced
+    by :func:`quiet_logging`)."""
+    return SimpleNamespace(
+        barebones=True,
+        global_step=0,
+        world_size=1,
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision),
+        precision_plugin=SimpleNamespace(scaler=None),
+    )
+
+
+@contextmanager
+def quiet_logging() -> Iterator[None]:
+    """Silences the warning that every ``self.log`` call of the module gives under :func:`bare_trainer`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)`")
+        yield
+
+
+def bench_batch(images: torch.Tensor) -> dict[str, Any]:
+    """A batch of the data layer's format (image, label, key) around ``images``; labels all 0."""
+    labels = torch.zeros(len(images), dtype=torch.long, device=images.device)
+    return {"image": images, "label": labels, "key": [f"bench-{i:06d}" for i in range(len(images))]}
+
+
+def readout_training_step(module: ReadoutModule, batch: dict[str, Any]) -> Callable[[], None]:
+    """One optimisation step of the product, as Lightning's automatic optimisation runs it:
+    ``training_step`` (the shared first pass, the readout net, ``sample_noise``, CE + β/k·ΣKL and the
+    finite-loss check), backward, ``on_before_optimizer_step`` (the finite-gradient check), then
+    the step of the optimiser ``configure_optimizers`` gives. Lightning's loop and logging are left out."""
+    optimiser = module.configure_optimizers()
 
     def step() -> None:
-        logits, features, taps = readout.first_pass(images)
-        if not shared:  # the reference code runs the whole classifier again with the bottleneck inserted
-            with torch.no_grad():
-                features = readout.prefix(readout.classifier.normalize(images))
-        z, kl = readout.bottleneck(features, readout.alpha(taps), torch.randn_like(features))
-        loss = F.cross_entropy(suffix(z), labels) + kl.mean()
         optimiser.zero_grad(set_to_none=True)
+        loss = module.training_step(batch, 0)
+        if loss is None:
+            raise FloatingPointError("the readout's loss is not finite")
         loss.backward()
+        module.on_before_optimizer_step(optimiser)
         optimiser.step()
 
     return step
+
+
+def with_two_full_passes(module: ReadoutModule) -> ReadoutModule:
+    """A copy of ``module`` whose first pass also runs the layers up to the bottleneck a second time, as
+    the reference code does (it runs the whole classifier again with the bottleneck inserted)."""
+    copy = attached_copy(module)
+    attributor, first_pass = copy.attributor, copy.attributor.first_pass
+
+    def two_passes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        logits, _, readout = first_pass(images)
+        with torch.no_grad():
+            features = attributor.prefix(attributor.classifier.normalize(images))
+        return logits, features, readout
+
+    attributor.first_pass = two_passes  # type: ignore[method-assign]
+    return copy
+
+
+def with_compiled_suffix(module: ReadoutModule) -> ReadoutModule:
+    """A copy of ``module`` whose classifier stages after the bottleneck are ``torch.compile``d (they run
+    in the first pass too, where they also help)."""
+    copy = attached_copy(module)
+    classifier = copy.attributor.classifier
+    for index in range(classifier.tap_index(copy.attributor.layer) + 1, len(classifier.stages)):
+        classifier.stages[index] = cast(torch.nn.Module, torch.compile(classifier.stages[index]))
+    return copy
+
+
+def under(
+    precision: torch.dtype | None, device: torch.device, fn: Callable[[], object]
+) -> Callable[[], None]:
+    """``fn`` under autocast to ``precision`` (None: fp32), as Lightning's ``bf16-mixed`` runs a step."""
+
+    def run() -> None:
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            fn()
+
+    return run
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def bench_readout(args: argparse.Namespace) -> list[dict]:
@@ -151,52 +252,55 @@ def bench_readout(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     results = []
     for name in args.classifiers:
-        classifier = load_classifier(name, weights=None).to(device)
-        size = classifier.input_size
-        readout = ReadoutBottleneck(classifier).to(device)
-        images = torch.rand(args.batch, 3, size, size, device=device)
-        labels = torch.zeros(args.batch, dtype=torch.long, device=device)
-        readout.estimate([images], progress=False)
-        if args.channels_last:
-            classifier.to(memory_format=torch.channels_last)
-            images = images.contiguous(memory_format=torch.channels_last)
-        precisions = {"fp32": None, "bf16": torch.bfloat16} if args.bf16 else {"fp32": None}
-        for precision, dtype in precisions.items():
-            autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-            suffix = readout.suffix
-            candidates = {
-                "plain training step": plain_training_step(classifier, images, labels),
-                "readout step (shared first pass)": readout_training_step(
-                    readout, images, labels, True, suffix
-                ),
-                "readout step (two full passes)": readout_training_step(
-                    readout, images, labels, False, suffix
-                ),
-            }
-            if args.compile:
-                compiled = torch.compile(suffix)
-                candidates["readout step (compiled suffix)"] = readout_training_step(
-                    readout, images, labels, True, compiled
-                )
-            with autocast:
+        module, batch = readout_module(name, device, args.batch, channels_last=args.channels_last)
+        images, attributor = batch["image"], module.attributor
+        classifier, size = attributor.classifier, attributor.classifier.input_size
+        variants = {
+            "readout step (shared first pass)": module,
+            "readout step (two full passes)": with_two_full_passes(module),
+        }
+        if args.compile:
+            variants["readout step (compiled suffix)"] = with_compiled_suffix(module)
+        precisions = PRECISIONS if args.bf16 else {"fp32": None}
+        title = f"readout, {name} at {size} px, batch {args.batch}"
+        title += ", channels_last" if args.channels_last else ""
+        with quiet_logging():
+            for precision, dtype in precisions.items():
+                candidates = {
+                    "plain training step": under(
+                        dtype, device, plain_training_step(classifier, images, batch["label"])
+                    )
+                }
+                for variant, copy in variants.items():
+                    candidates[variant] = under(dtype, device, readout_training_step(copy, batch))
                 train = compare(candidates, args.batch, args.repeats, device)
                 memory = {n: peak_memory_per_image(fn, args.batch, device) for n, fn in candidates.items()}
                 infer = compare(
                     {
-                        "plain inference": partial(torch.no_grad()(classifier), images),
-                        "readout heatmaps": partial(readout, images),
+                        "plain inference": under(dtype, device, partial(torch.no_grad()(classifier), images)),
+                        "readout heatmaps": under(dtype, device, partial(attributor, images)),
                     },
                     args.batch,
                     args.repeats,
                     device,
                 )
-            title = f"readout, {name} at {size} px, batch {args.batch}, {precision}"
-            results.append(
-                report(
-                    f"{title}: training", train, "plain training step", "images/s", {"mib_per_image": memory}
+                extra = {"mib_per_image": memory}
+                results.append(
+                    report(f"{title}, {precision}: training", train, "plain training step", "images/s", extra)
                 )
-            )
-            results.append(report(f"{title}: inference", infer, "plain inference", "images/s"))
+                results.append(
+                    report(f"{title}, {precision}: inference", infer, "plain inference", "images/s")
+                )
+            if args.bf16:
+                step = {
+                    p: under(d, device, readout_training_step(module, batch)) for p, d in PRECISIONS.items()
+                }
+                direct = compare(
+                    {f"readout step, {p}": fn for p, fn in step.items()}, args.batch, args.repeats, device
+                )
+                results.append(
+                    report(f"{title}: bf16 against fp32", direct, "readout step, fp32", "images/s")
+                )
     return results
 
 
@@ -266,23 +370,23 @@ def ddp_worker(rank: int, args: argparse.Namespace, directory: str) -> None:
 
 
 def ddp_steps(rank: int, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Callable], int]:
-    """The plain readout step and the DDP one, on this rank's own images; and the image side in px."""
-    torch.manual_seed(0)
-    classifier = load_classifier(args.classifier, weights=None).to(device)
-    size = classifier.input_size
-    alone, together = ReadoutBottleneck(classifier).to(device), ReadoutBottleneck(classifier).to(device)
+    """The product's readout step alone and under DDP, on this rank's own images; and the image side in px.
+
+    The finite-loss decision is not reduced over the ranks here (:func:`bare_trainer` is one process):
+    only the gradient all-reduce is added.
+    """
+    torch.manual_seed(0)  # the same classifier on every rank
+    alone, batch = readout_module(args.classifier, device, args.batch)
     generator = torch.Generator().manual_seed(rank)  # each rank its own images, as under a sampler
-    images = torch.rand(args.batch, 3, size, size, generator=generator).to(device)
-    labels = torch.zeros(args.batch, dtype=torch.long, device=device)
-    for readout in (alone, together):
-        readout.estimate([images], progress=False)
-    # alpha() calls self.net: through the wrapper, DDP's forward arms the gradient all-reduce
-    together.add_module("net", DistributedDataParallel(together.net))
+    batch = bench_batch(torch.rand(batch["image"].shape, generator=generator).to(device))
+    together = attached_copy(alone)
+    # alpha() calls attributor.net: through the wrapper, DDP's forward arms the gradient all-reduce
+    together.attributor.add_module("net", DistributedDataParallel(together.attributor.net))
     steps = {
-        "1 process": readout_training_step(alone, images, labels, True, alone.suffix),
-        f"{args.processes} processes": readout_training_step(together, images, labels, True, together.suffix),
+        "1 process": readout_training_step(alone, batch),
+        f"{args.processes} processes": readout_training_step(together, batch),
     }
-    return steps, size
+    return steps, alone.attributor.classifier.input_size
 
 
 def ddp_rates(rank: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -328,16 +432,19 @@ def repeated(fn: Callable[[], object], times: int) -> None:
 
 def bench_data(args: argparse.Namespace) -> list[dict]:
     """Images/s through decode and the training transform: shards stored at full size against resized,
-    by worker count, and JPEG decode one by one (PIL) against batched (torchvision, GPU where present)."""
+    by worker count, JPEG decode and the train transform one by one (PIL) against batched (torchvision,
+    GPU where present), and the loader of each worker count against the readout training step it has
+    to feed."""
     with tempfile.TemporaryDirectory() as directory:
         stored = write_stored_sizes(Path(directory), args.images, args.full_size, args.resize_shorter)
         results = [bench_stored_sizes(args, stored)]
         full = next(iter(stored))
         if args.shards:
-            results.append(bench_workers(args, args.shards, args.shards))
+            loader = bench_workers(args, args.shards, args.shards)
         else:
-            results.append(bench_workers(args, stored[full], f"JPEGs {full}"))
-        results.append(bench_decode(args, stored[full]))
+            loader = bench_workers(args, stored[full], f"JPEGs {full}")
+        results += [loader, bench_decode(args, stored[full]), bench_device_transform(args, stored[full])]
+        results.append(bench_loader_against_step(args, loader))
     return results
 
 
@@ -423,18 +530,50 @@ def bench_workers(args: argparse.Namespace, shards: str | Path, name: str) -> di
     return report(f"data, {name}, train transform to {args.size} px", rates, next(iter(rates)), "images/s")
 
 
+def bench_loader_against_step(args: argparse.Namespace, loader: dict) -> dict:
+    """The loader's images/s for each worker count (``loader``: :func:`bench_workers`' result) against
+    the product's readout training step (:func:`readout_training_step`) of ``--classifier`` at the same
+    image size and batch, on ``--device``. loader / step >= 1: the loader keeps the step fed."""
+    device = torch.device(args.device)
+    module, batch = readout_module(args.classifier, device, args.batch, args.size, args.channels_last)
+    precision = "bf16" if args.bf16 else "fp32"
+    step = "readout training step"
+    with quiet_logging():
+        rates = compare(
+            {step: under(PRECISIONS[precision], device, readout_training_step(module, batch))},
+            args.batch,
+            args.repeats,
+            device,
+        )
+    rates.update(loader["rates"])
+    ratios = {name: rate / rates[step] for name, rate in loader["rates"].items()}
+    layout = ", channels_last" if args.channels_last else ""
+    title = (
+        f"data, loader against the readout training step of {args.classifier} at {args.size} px, "
+        f"batch {args.batch}, {precision}{layout}, on {device}"
+    )
+    return report(title, rates, step, "images/s", {"loader_over_step": ratios})
+
+
+def raw_samples(shards: Path, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of the shards in ``shards/*.tar`` as the reader hands them over: member
+    suffix -> bytes, and ``__key__`` (webdataset splits a member name at the first dot)."""
+    samples: dict[str, dict[str, Any]] = {}
+    for path in sorted(shards.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                extracted = tar.extractfile(member)
+                if extracted is not None:
+                    key, _, suffix = member.name.partition(".")
+                    samples.setdefault(key, {"__key__": key})[suffix] = extracted.read()
+    return list(samples.values())[:n]
+
+
 def bench_decode(args: argparse.Namespace, shards: Path) -> dict:
     """JPEG bytes -> RGB pixels: PIL one by one (the reader's path) against torchvision's batched decode."""
     from readout.data.format import decode_image, decode_jpegs
 
-    data = []
-    for path in sorted(shards.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                extracted = tar.extractfile(member) if member.name.endswith(".jpg") else None
-                if extracted is not None:
-                    data.append(extracted.read())
-    data = data[: args.batch]
+    data = [raw["jpg"] for raw in raw_samples(shards, args.batch)]
     device = torch.device(args.device)
     candidates: dict[str, Callable[[], object]] = {
         "PIL, one by one (CPU)": lambda: [decode_image(item) for item in data],
@@ -444,6 +583,43 @@ def bench_decode(args: argparse.Namespace, shards: Path) -> dict:
         candidates[f"decode_jpeg, batched ({device})"] = partial(decode_jpegs, data, device)
     rates = compare(candidates, len(data), args.repeats, device)
     return report(f"decode, {len(data)} JPEGs at {args.full_size} px", rates, next(iter(rates)), "images/s")
+
+
+def bench_device_transform(args: argparse.Namespace, shards: Path) -> dict:
+    """Decode + train transform of one batch: the reader's CPU path (PIL and the transform, one sample
+    after another, then collated) against the device path (:class:`DeviceTrainTransform`: crops drawn
+    from the headers, then one batched decode and the crops on the device), same settings."""
+    from torch.utils.data import default_collate
+
+    from readout.data.format import decode_sample
+    from readout.data.transforms import train_transform, transform_sample
+    from readout.datamodule import DeviceTrainTransform, raw_jpeg
+
+    raws = raw_samples(shards, args.batch)
+    cpu, on_device = train_transform(args.size), DeviceTrainTransform(args.size)
+
+    def cpu_path() -> object:
+        return default_collate([transform_sample(decode_sample(raw), cpu) for raw in raws])
+
+    def device_path(device: torch.device) -> object:
+        elements = [on_device.element(raw_jpeg(raw)) for raw in raws]
+        return on_device.apply(default_collate(elements), device)
+
+    device = torch.device(args.device)
+    candidates: dict[str, Callable[[], object]] = {
+        "PIL + train transform, one by one (CPU)": cpu_path,
+        "decode_jpeg + train crops, batched (cpu)": partial(device_path, torch.device("cpu")),
+    }
+    if device.type == "cuda":
+        candidates[f"decode_jpeg + train crops, batched ({device})"] = partial(device_path, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker; several threads only fight over such small images
+    try:
+        rates = compare(candidates, len(raws), args.repeats, device)
+    finally:
+        torch.set_num_threads(threads)
+    title = f"decode + train transform to {args.size} px, {len(raws)} JPEGs at {args.full_size} px, 1 thread"
+    return report(title, rates, next(iter(rates)), "images/s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -485,6 +661,11 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument(
         "--resize-shorter", type=int, default=256, help="shorter side of the resized shards, px"
     )
+    data.add_argument(
+        "--classifier", default="resnet50", help="whose readout training step the loader must feed"
+    )
+    data.add_argument("--bf16", action="store_true", help="time that step under bf16 autocast")
+    data.add_argument("--channels-last", action="store_true", help="time that step in channels_last")
     data.set_defaults(run=bench_data)
     args = parser.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -8,6 +8,7 @@ import pytest
 from readout.bench import main, write_stored_sizes
 from readout.data.shards import make_loader
 from readout.data.transforms import eval_transform
+from readout.lit import ReadoutModule
 
 
 def sane(rates: dict[str, float]) -> bool:
@@ -25,14 +26,55 @@ def test_per_sample_bench_reports_a_ratio_against_the_straightforward_one(tmp_pa
     assert "x straightforward" in capsys.readouterr().out
 
 
-def test_readout_bench_compares_with_the_plain_classifier(tmp_path):
+def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of the product's ``ReadoutModule.training_step`` (one entry per call)."""
+    calls: list[int] = []
+    training_step = ReadoutModule.training_step
+
+    def counting(self, batch, batch_idx):
+        calls.append(len(batch["label"]))
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ReadoutModule, "training_step", counting)
+    return calls
+
+
+def test_readout_bench_compares_with_the_plain_classifier(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
+    calls = count_training_steps(monkeypatch)
     main(["--repeats", "1", "--json", str(out), "readout", "--classifiers", "synthetic-cnn", "--batch", "2"])
-    titles = [r["title"] for r in json.loads(out.read_text())["results"]]
+    results = json.loads(out.read_text())["results"]
+    titles = [r["title"] for r in results]
     assert titles == [
         "readout, synthetic-cnn at 64 px, batch 2, fp32: training",
         "readout, synthetic-cnn at 64 px, batch 2, fp32: inference",
     ]
+    training, inference = results
+    variants = ["readout step (shared first pass)", "readout step (two full passes)"]
+    assert list(training["rates"]) == ["plain training step", *variants] and sane(training["rates"])
+    assert list(inference["rates"]) == ["plain inference", "readout heatmaps"] and sane(inference["rates"])
+    assert training["mib_per_image"] == dict.fromkeys(training["rates"])  # no CUDA, no memory figure
+    # the readout variants time the product's own training_step: warm-up + 1 repeat each, batch 2
+    assert calls == [2] * (2 * len(variants))
+
+
+def test_readout_bench_gives_bf16_against_fp32_as_a_direct_ratio(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--repeats", "1", "--json", str(out), "readout", "--classifiers", "synthetic-cnn", "--batch", "2",
+          "--bf16", "--channels-last"])  # fmt: skip
+    results = json.loads(out.read_text())["results"]
+    title = "readout, synthetic-cnn at 64 px, batch 2, channels_last"
+    assert [r["title"] for r in results] == [
+        f"{title}, fp32: training",
+        f"{title}, fp32: inference",
+        f"{title}, bf16: training",
+        f"{title}, bf16: inference",
+        f"{title}: bf16 against fp32",
+    ]
+    direct = results[-1]
+    assert list(direct["rates"]) == ["readout step, fp32", "readout step, bf16"] and sane(direct["rates"])
+    assert direct["baseline"] == "readout step, fp32"
+    assert "x readout step, fp32" in capsys.readouterr().out
 
 
 @pytest.mark.ddp
@@ -51,15 +93,34 @@ def test_ddp_bench_reports_the_scaling_efficiency_of_two_processes(tmp_path, cap
     assert "1 thread(s) per process, gloo" in printed and "scaling efficiency = " in printed
 
 
-def test_data_bench_compares_stored_sizes_worker_counts_and_decoders(tmp_path):
+def test_data_bench_compares_stored_sizes_worker_counts_and_decoders(tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench.json"
+    calls = count_training_steps(monkeypatch)
     main(["--repeats", "1", "--json", str(out), "data", "--images", "4", "--batch", "2", "--batches", "1",
-          "--workers", "0", "--full-size", "96", "--resize-shorter", "48", "--size", "32"])  # fmt: skip
-    stored, workers, decode = json.loads(out.read_text())["results"]
+          "--workers", "0", "1", "--full-size", "96", "--resize-shorter", "48", "--size", "32",
+          "--classifier", "synthetic-cnn"])  # fmt: skip
+    stored, workers, decode, transform, against = json.loads(out.read_text())["results"]
     assert list(stored["rates"]) == ["stored at full size (96 px)", "stored resized (shorter side 48)"]
-    assert list(workers["rates"]) == ["0 worker(s)"]
+    assert list(workers["rates"]) == ["0 worker(s)", "1 worker(s)"]
     assert list(decode["rates"]) == ["PIL, one by one (CPU)", "decode_jpeg, batched (cpu)"]
-    assert all(sane(result["rates"]) for result in (stored, workers, decode))
+    assert transform["title"] == "decode + train transform to 32 px, 2 JPEGs at 96 px, 1 thread"
+    assert list(transform["rates"]) == [
+        "PIL + train transform, one by one (CPU)",
+        "decode_jpeg + train crops, batched (cpu)",
+    ]
+    assert all(sane(result["rates"]) for result in (stored, workers, decode, transform, against))
+    # the loader of each worker count against the product's training step, same size and batch
+    assert against["title"] == (
+        "data, loader against the readout training step of synthetic-cnn at 32 px, batch 2, fp32, on cpu"
+    )
+    assert list(against["rates"]) == ["readout training step", "0 worker(s)", "1 worker(s)"]
+    assert against["baseline"] == "readout training step" and calls == [2, 2]
+    step = against["rates"]["readout training step"]
+    for name, rate in workers["rates"].items():
+        assert against["rates"][name] == rate
+        assert against["loader_over_step"][name] == pytest.approx(rate / step)
+    printed = capsys.readouterr().out
+    assert f"{against['loader_over_step']['1 worker(s)']:6.2f}x readout training step" in printed
 
 
 def test_stored_sizes_hold_the_same_images_at_full_size_and_resized(tmp_path):
