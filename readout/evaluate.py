@@ -80,6 +80,7 @@ from readout.metrics import (
 )
 from readout.metrics.chunks import logits_of
 from readout.metrics.randomisation import cascading_randomisation
+from readout.metrics.tiles import Baseline
 
 #: Bump when the meaning of cached states changes: older cache files are then ignored.
 CACHE_VERSION = 1
@@ -87,6 +88,18 @@ CACHE_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
+
+
+BaselineName = Literal["mean", "zero", "normalised-zero"]
+"""Replacement of removed pixels: each image's per-channel mean, black (0 in [0, 1]), or the
+classifier's normalisation mean (0 of its normalised input); a float is a constant in [0, 1]."""
+
+
+def resolve_baseline(baseline: BaselineName | float, classifier: Classifier) -> Baseline:
+    """The metrics' :data:`readout.metrics.tiles.Baseline` for a config value."""
+    if baseline == "normalised-zero":
+        return classifier.mean
+    return baseline
 
 
 @dataclass
@@ -145,7 +158,8 @@ class DegradationConfig:
 
     tiles: list[int] = field(default_factory=lambda: [8, 14])
     """Tile sides in px (224 px ImageNet: the paper's 8 and 14)."""
-    baseline: Literal["mean", "zero"] = "mean"
+    baseline: BaselineName | float = "mean"
+    """What removed tiles become (see :data:`BaselineName`); the paper: "a constant value"."""
     fraction: float = 1.0
     """Share of the images degraded (by key hash)."""
 
@@ -168,7 +182,8 @@ class SensitivityConfig:
     points: int = 16
     max_fraction: float = 0.8
     num_masks: int = 100
-    baseline: Literal["mean", "zero"] = "zero"
+    baseline: BaselineName | float = "normalised-zero"
+    """The paper's pixels "set to zero" (App. G.1) are zeros of the classifier's normalised input."""
     seed: int = 0
 
 
@@ -610,7 +625,7 @@ class Evaluation:
                 ns,
                 conf.num_masks,
                 conf.seed,
-                conf.baseline,
+                resolve_baseline(conf.baseline, self.classifier),
                 self.config.chunk_size,
             )
         return batch
@@ -649,7 +664,7 @@ class Evaluation:
                     maps[chosen],
                     batch.targets[chosen],
                     tile,
-                    self.config.degradation.baseline,
+                    resolve_baseline(self.config.degradation.baseline, self.classifier),
                     chunk,
                 )
                 metrics.metrics[f"degradation-{tile}"].update(morf, lerf, batch.top1)
@@ -758,7 +773,8 @@ def markdown_table(config: EvalConfig, rows: dict[str, Any], size: tuple[int, in
         f"({config.localisation.boundary_width} px bands) on {first['localisation']['mask_ratio_count']:.0f} "
         "images with masks.",
         f"Sensitivity-n: mean Pearson r over n, {config.sensitivity.tile} px tiles, "
-        f"{config.sensitivity.num_masks} masks per n, {sens_n} images. Randomisation: SSIM of the map after "
+        f"{config.sensitivity.num_masks} masks per n, baseline {config.sensitivity.baseline}, "
+        f"{sens_n} images. Randomisation: SSIM of the map after "
         f"re-initialising every layer to the original, {rand_n} images. s / img: attribution time only.",
     ]
     return "\n".join(lines + notes) + "\n"

@@ -17,9 +17,12 @@ from readout.evaluate import (
     in_subset,
     main,
     parse_config,
+    resolve_baseline,
 )
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml"))
+#: The benchmark tables; the other shipped config records how the per-sample layer was chosen.
+BENCHMARKS = {"synthetic", "imagenet-resnet50", "imagenet-vgg16"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,12 +116,16 @@ def test_a_changed_setting_is_not_taken_from_the_cache(tmp_path, classifier_path
     assert not evaluation.cache_file(random_row, shard).is_file()
 
 
-def test_two_ranks_give_the_results_of_one(tmp_path, classifier_path):
-    single = parse_config(tiny_args(tmp_path / "one", classifier_path, METHODS, ["--plot_images=0"]))
+@pytest.mark.parametrize("images", [8, 7], ids=["even", "uneven"])
+def test_two_ranks_give_the_results_of_one(tmp_path, classifier_path, images):
+    # 7 images in shards of 4 and 3: the ranks get 4 and 3, and one rank's last batch is short.
+    extra = ["--plot_images=0", f"--data.synthetic={{n: {images}, size: 64, seed: 4250, shard_size: 4}}"]
+    single = parse_config(tiny_args(tmp_path / "one", classifier_path, METHODS, extra))
     ensure_synthetic(single.data)
     one = Evaluation(single, progress=False)
     expected = compute_results(one, one.run())
-    split = parse_config(tiny_args(tmp_path / "one", classifier_path, METHODS, ["--plot_images=0"]))
+    assert expected["Random"]["images"] == images
+    split = parse_config(tiny_args(tmp_path / "one", classifier_path, METHODS, extra))
     split.out = str(tmp_path / "two")
     ranks = [Evaluation(split, rank, 2, progress=False) for rank in range(2)]
     totals = [evaluation.run() for evaluation in ranks]
@@ -143,13 +150,16 @@ def _close(a, b) -> bool:
 
 
 def test_every_eval_config_is_shipped():
-    assert {c.stem for c in CONFIGS} == {"synthetic", "imagenet-resnet50", "imagenet-vgg16"}
+    assert {c.stem for c in CONFIGS} == BENCHMARKS | {"synthetic-layer"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
 def test_shipped_config_parses_through_the_cli(config):
     parsed = parse_config(["--config", str(config)])
     names = [spec.name for spec in parsed.methods]
+    if config.stem not in BENCHMARKS:
+        assert all(spec.method == "per-sample" for spec in parsed.methods[:-1])
+        return
     methods = {spec.method for spec in parsed.methods}
     assert {"per-sample", "readout", "grad-cam", "saliency", "occlusion", "random"} <= methods
     assert any(name.startswith("Per-Sample β=10/k") for name in names)
@@ -191,3 +201,43 @@ def test_gloo_two_processes_write_the_results_of_one(tmp_path, classifier_path):
             if metric in row:
                 assert _close(row[metric], both["rows"][name][metric]), (name, metric)
     assert "randomisation" in both["rows"]["Saliency"]
+
+
+def test_an_interrupted_run_recomputes_only_the_missing_pairs(tmp_path, classifier_path, monkeypatch):
+    # As after a kill: one (row, shard) cache file is missing, the others are kept.
+    rows = "[{name: Saliency, method: saliency}, {name: Random, method: random}]"
+    first = main(tiny_args(tmp_path, classifier_path, rows))
+    evaluation = Evaluation(parse_config(tiny_args(tmp_path, classifier_path, rows)), progress=False)
+    saliency, random_row = evaluation.rows
+    lost = evaluation.cache_file(random_row, evaluation.shards.urls[1])
+    lost.unlink()
+    built = []
+    original = Evaluation.attributor
+
+    def counting(self, row):
+        built.append(row.spec.name)
+        return original(self, row)
+
+    monkeypatch.setattr(Evaluation, "attributor", counting)
+    again = main(tiny_args(tmp_path, classifier_path, rows))
+    assert lost.is_file()
+    assert set(built) == {"Random"}
+
+    def scores(results):  # the recomputed pair was timed anew
+        timing = {"seconds_per_image", "metric_seconds"}
+        return {
+            name: {k: v for k, v in row.items() if k not in timing} for name, row in results["rows"].items()
+        }
+
+    assert json.dumps(scores(again), sort_keys=True) == json.dumps(scores(first), sort_keys=True)
+
+
+def test_baselines_are_config_values(tmp_path, classifier_path):
+    config = parse_config(tiny_args(tmp_path, classifier_path, METHODS, ["--degradation.baseline=0.3"]))
+    classifier = load_classifier(classifier_path)
+    assert config.degradation.baseline == 0.3 and resolve_baseline(0.3, classifier) == 0.3
+    assert config.sensitivity.baseline == "normalised-zero"
+    assert torch.equal(resolve_baseline("normalised-zero", classifier), classifier.mean)
+    assert resolve_baseline("mean", classifier) == "mean"
+    with pytest.raises((ValueError, SystemExit)):
+        parse_config(tiny_args(tmp_path, classifier_path, METHODS, ["--degradation.baseline=grey"]))
