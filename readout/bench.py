@@ -593,7 +593,7 @@ def bench_device_transform(args: argparse.Namespace, shards: Path) -> dict:
 
     from readout.data.format import decode_sample
     from readout.data.transforms import train_transform, transform_sample
-    from readout.datamodule import DeviceTrainTransform, raw_jpeg
+    from readout.data.device_decode import DeviceTrainTransform, raw_jpeg
 
     raws = raw_samples(shards, args.batch)
     cpu, on_device = train_transform(args.size), DeviceTrainTransform(args.size)

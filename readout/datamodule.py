@@ -1,33 +1,24 @@
 """The Lightning data module of ``readout.fit``: shards in, batches of the data layer's format out.
 
-Also what the training loader adds to the shard reader: a resumed epoch passes over the batches
-already trained on without decoding them (:class:`ResumableShards`), and the train transform split so
-that JPEGs are decoded, batched, on the device (:class:`DeviceTrainTransform`).
+Its training loader resumes part-way into an epoch without decoding the batches already done
+(:mod:`readout.data.resume`) and can decode JPEG batches on the device
+(:mod:`readout.data.device_decode`).
 """
 
 from __future__ import annotations
 
 import os
-import posixpath
 import signal
-import tarfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-import fsspec
-import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
-from torch.utils.data.dataloader import _BaseDataLoaderIter
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
-from readout.data.format import SampleError, ShardSample, check_sample, decode_jpegs
-from readout.data.shards import ShardDataset, ShardSpec, make_loader, resolve_shards
+from readout.data.device_decode import DeviceTrainTransform, check_jpeg_shards
+from readout.data.resume import ResumableShards, ResumedLoader
+from readout.data.shards import ShardSpec, make_loader, resolve_shards
 from readout.data.transforms import eval_transform, train_transform
 
 
@@ -41,212 +32,6 @@ def leave_signals_to_the_trainer(worker_id: int) -> None:
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class ResumableShards(ShardDataset):
-    """The training shards of ``readout.fit``: a train-mode :class:`ShardDataset` whose next iteration
-    can pass over its first ``skip_batches`` batches (per rank) without decoding or transforming them.
-
-    Passed-over samples go through the reader's own loop (the shard draws, the shuffle buffer and the
-    per-sample seeds advance exactly as they would) with :func:`check_sample` in place of the decoder
-    and the identity in place of the transform; the batches they make are dropped. So the batches that
-    follow are those of an uninterrupted iteration, as long as ``check_sample`` judges every sample
-    as decoding would (see there for what it cannot see). Passed-over samples are not counted in
-    ``health()``: the run that trained on them counted them.
-    """
-
-    #: True while the samples being read are passed over (set per copy: a worker's, or this one).
-    passing_over = False
-
-    def __init__(
-        self, *args: Any, device_transform: DeviceTrainTransform | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.skip_batches = 0
-        """Batches of this rank's next iteration to pass over; consumed by the copy that iterates."""
-        self.device_transform = device_transform
-        """With one, samples stay JPEG bytes (:class:`RawJpeg`) and batches are decoded on the device."""
-
-    def decode(self, raw: dict[str, Any]) -> Any:
-        return super().decode(raw) if self.device_transform is None else raw_jpeg(raw)
-
-    def element(self, decoded: Any) -> dict[str, Any]:
-        if isinstance(decoded, RawJpeg) and self.device_transform is not None:
-            return self.device_transform.element(decoded)
-        return super().element(decoded)
-
-    @property  # type: ignore[override]
-    def transform(self) -> v2.Transform:
-        """The train transform; the identity while samples are passed over."""
-        return PASS_OVER_TRANSFORM if self.passing_over else self._transform
-
-    @transform.setter
-    def transform(self, value: v2.Transform) -> None:
-        self._transform = value
-
-    def _train_batches(self, epoch: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        # Called from __iter__ as the iteration starts, so the skip is read then, in this copy.
-        skip, self.skip_batches = self.skip_batches, 0
-        # The loader takes batches round-robin from worker 0 on, so batch p of an epoch is made by worker
-        # p % n. Resumed at batch `skip`, loader worker w plays worker (w + skip) % n, which made that
-        # many of the batches passed over.
-        role = (worker + skip) % workers
-        passed = skip // workers + (role < skip % workers)
-        batches = super()._train_batches(epoch, role, workers)
-        return self._after(batches, passed) if passed else batches
-
-    def _after(self, batches: Iterator[dict[str, Any]], skip: int) -> Iterator[dict[str, Any]]:
-        """The batches after the first ``skip``, which are made of passed-over samples."""
-        self.passing_over = True
-        try:
-            for index, batch in enumerate(batches):
-                if index == skip - 1:
-                    self.passing_over = False  # the generator waits here: the next sample is decoded
-                if index >= skip:
-                    yield batch
-        finally:
-            self.passing_over = False
-
-    def _decode(self, raw: dict[str, Any]) -> ShardSample | None:
-        if not self.passing_over:
-            return super()._decode(raw)
-        try:
-            label, _ = check_sample(raw)
-        except SampleError:
-            return None  # skipped, as the decoder would have; the run that read it warned about it
-        return ShardSample(raw["__key__"], PASSED_OVER_IMAGE, label, "", [])
-
-
-#: What a passed-over sample holds: its key and label, a 1-pixel image, no box, no mask.
-PASSED_OVER_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
-PASS_OVER_TRANSFORM = eval_transform(None, None)
-
-
-class ResumedLoader(DataLoader):
-    """The train loader of a run resumed part-way into an epoch: its first iteration passes over
-    ``skip`` batches (:class:`ResumableShards`, before decoding), so the run trains on the rest of the
-    epoch an uninterrupted run would have seen."""
-
-    def __init__(self, loader: DataLoader, skip: int) -> None:
-        if not isinstance(loader.dataset, ResumableShards):
-            raise TypeError(f"ResumedLoader needs ResumableShards, got {type(loader.dataset).__name__}")
-        super().__init__(
-            loader.dataset,
-            batch_size=None,
-            num_workers=loader.num_workers,
-            pin_memory=loader.pin_memory,
-            persistent_workers=loader.persistent_workers,
-            worker_init_fn=loader.worker_init_fn,
-        )
-        self.skip = skip
-
-    def __iter__(self) -> _BaseDataLoaderIter:
-        dataset = cast(ResumableShards, self.dataset)
-        dataset.skip_batches, self.skip = self.skip, 0
-        try:
-            # Workers start here with their own copy of the dataset (the skip included); without
-            # workers the dataset reads it here, as its iteration starts.
-            return super().__iter__()
-        finally:
-            dataset.skip_batches = 0
-
-
-@dataclass(frozen=True)
-class RawJpeg:
-    """A training sample whose decode is left to the batch's device: its JPEG bytes, label and (H, W)."""
-
-    key: str
-    data: bytes
-    label: int
-    size: tuple[int, int]
-
-
-def raw_jpeg(raw: dict[str, Any]) -> RawJpeg:
-    """A raw sample (tar member suffix -> bytes) -> :class:`RawJpeg`, reading only the image's header.
-
-    Raises :class:`SampleError` where :func:`check_sample` does, and ValueError for a sample without a
-    JPEG: device decode needs JPEG shards.
-    """
-    label, size = check_sample(raw)
-    if "jpg" not in raw:  # then a png: check_sample found an image
-        raise ValueError(
-            f"data.decode='device' needs JPEG shards, but sample {raw.get('__key__', '?')!r} of "
-            f"{raw.get('__url__', '?')} holds png (the synthetic set is stored as PNG): use "
-            "data.decode='cpu', or shards written by readout.data.imagenet"
-        )
-    return RawJpeg(raw["__key__"], raw["jpg"], label, size)
-
-
-def check_jpeg_shards(shards: ShardSpec) -> None:
-    """Raises ValueError (naming ``data.decode``) unless the first sample of the first shard is a JPEG."""
-    url = resolve_shards(shards).urls[0]
-    key, suffix = "?", "no image"
-    with fsspec.open(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for member in tar:
-            key, _, suffix = posixpath.basename(member.name).partition(".")
-            if suffix in ("jpg", "png"):
-                break
-    if suffix != "jpg":
-        raise ValueError(
-            f"data.decode='device' needs JPEG shards, but sample {key!r} of {url} holds {suffix} "
-            "(the synthetic set is stored as PNG): use data.decode='cpu', or shards written by "
-            "readout.data.imagenet"
-        )
-
-
-class DeviceTrainTransform:
-    """The train transform (:func:`train_transform`: RandomResizedCrop, then a horizontal flip) with the
-    decode moved onto the batch's device.
-
-    In the loader worker, :meth:`element` draws the crop and the flip from the torch generator exactly
-    as the CPU transform of the same settings draws them, knowing only the image's size; the batch
-    then carries the JPEG bytes. On the device, :meth:`apply` decodes the whole batch in one call
-    (``torchvision.io.decode_jpeg``: nvJPEG on CUDA) and crops, resizes and flips each image there with
-    the CPU transform's own kernels and settings. Only ``image``, ``label`` and ``key`` come out: what
-    a training step reads (no boxes or masks).
-    """
-
-    def __init__(
-        self,
-        size: int = 224,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip: float = 0.5,
-    ) -> None:
-        steps = train_transform(size, scale, ratio, flip).transforms
-        self.crop = next(step for step in steps if isinstance(step, v2.RandomResizedCrop))
-        self.flip = next(step for step in steps if isinstance(step, v2.RandomHorizontalFlip))
-
-    def element(self, sample: RawJpeg) -> dict[str, Any]:
-        """One element of a raw batch: jpeg (bytes), label, key, crop (4,) [top, left, h, w], flip ()."""
-        height, width = sample.size
-        shape_only = tv_tensors.Image(torch.empty(0, height, width, dtype=torch.uint8))
-        params = self.crop.make_params([shape_only])
-        flipped = bool(torch.rand(1) < self.flip.p)  # v2's random-apply rule, drawn after the crop
-        return {
-            "jpeg": sample.data,
-            "label": torch.tensor(sample.label, dtype=torch.int64),
-            "key": sample.key,
-            "crop": torch.tensor([params[k] for k in ("top", "left", "height", "width")]),
-            "flip": torch.tensor(flipped),
-        }
-
-    def apply(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        """A raw batch (``jpeg``: B bytes; ``crop``, ``flip``: tensors or lists) -> image (B, 3, S, S)
-        float32 in [0, 1] on ``device``, label, key."""
-        crops = batch["crop"].tolist() if isinstance(batch["crop"], torch.Tensor) else batch["crop"]
-        flips = batch["flip"].tolist() if isinstance(batch["flip"], torch.Tensor) else batch["flip"]
-        images = []
-        for image, (top, left, height, width), flipped in zip(
-            decode_jpegs(batch["jpeg"], device), crops, flips, strict=True
-        ):
-            image = F.resized_crop(
-                image, top, left, height, width, self.crop.size, self.crop.interpolation,
-                antialias=self.crop.antialias,
-            )  # fmt: skip
-            images.append(F.horizontal_flip(image) if flipped else image)
-        image = F.to_dtype(torch.stack(images), torch.float32, scale=True)
-        return {"image": image, "label": batch["label"].to(device), "key": batch["key"]}
 
 
 def auto_workers(devices_per_node: int, environ: Mapping[str, str] = os.environ) -> int:

@@ -17,18 +17,13 @@ from test_fit import tiny_config, write_config
 from torch.utils.data import DataLoader, default_collate
 
 import readout.data.format as data_format
+from readout.data.device_decode import DeviceTrainTransform, raw_jpeg
 from readout.data.format import SampleError, check_sample, decode_sample
+from readout.data.resume import ResumableShards, ResumedLoader
 from readout.data.shards import CorruptSampleWarning, ShardDataset
 from readout.data.synthetic import generate, to_record
 from readout.data.transforms import train_transform, transform_sample
-from readout.datamodule import (
-    DeviceTrainTransform,
-    ReadoutDataModule,
-    ResumableShards,
-    ResumedLoader,
-    auto_workers,
-    raw_jpeg,
-)
+from readout.datamodule import ReadoutDataModule, auto_workers
 from readout.fit import main as fit
 
 BATCH, BATCHES = 4, 6

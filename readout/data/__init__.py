@@ -5,4 +5,6 @@
 - :mod:`readout.data.imagenet`: ILSVRC2012 folders to resumable shards.
 - :mod:`readout.data.transforms`: train and eval transforms that move boxes and masks with the image.
 - :mod:`readout.data.shards`: ``make_loader``; the batch format is documented there.
+- :mod:`readout.data.resume`: a training epoch resumed part-way, passing over finished batches undecoded.
+- :mod:`readout.data.device_decode`: JPEG batches decoded and cropped on the GPU.
 """
