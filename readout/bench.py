@@ -591,9 +591,9 @@ def bench_device_transform(args: argparse.Namespace, shards: Path) -> dict:
     from the headers, then one batched decode and the crops on the device), same settings."""
     from torch.utils.data import default_collate
 
+    from readout.data.device_decode import DeviceTrainTransform, raw_jpeg
     from readout.data.format import decode_sample
     from readout.data.transforms import train_transform, transform_sample
-    from readout.data.device_decode import DeviceTrainTransform, raw_jpeg
 
     raws = raw_samples(shards, args.batch)
     cpu, on_device = train_transform(args.size), DeviceTrainTransform(args.size)
