@@ -1,9 +1,20 @@
 import pytest
 import torch
 from torch import nn
+from zennit.attribution import Gradient
+from zennit.composites import LayerMapComposite
+from zennit.rules import ZPlus
+from zennit.types import Convolution
 
 from readout.backbones import Classifier, load_classifier
-from readout.lrp import COMPOSITES, RelevancePropagator, input_bounds, lrp_defaults, make_composite
+from readout.lrp import (
+    COMPOSITES,
+    RelevancePropagator,
+    ZPlusFallback,
+    input_bounds,
+    lrp_defaults,
+    make_composite,
+)
 from readout.taps import FeatureTaps, hook_count
 
 
@@ -163,17 +174,54 @@ def test_sum_plus_has_no_spikes_and_conserves_on_live_units(classifier, images):
     assert (plus.sum(1) >= -1e-6).all(), "every rule of this composite keeps relevance non-negative"
 
 
+def test_zplus_fallback_the_slow_obvious_way():
+    # A 1x1 convolution is a linear layer per pixel. Unit 0 has only negative weights: on the image with
+    # positive inputs it has no positive contribution, and z+ drops its relevance. The second image has a
+    # negative input, which exercises the (x⁻, w⁻) and (x⁻, w⁺) terms.
+    layer = nn.Conv2d(4, 3, 1)
+    weight = torch.tensor([[-1.0, -0.5, -2.0, -0.1], [0.5, -1.0, 2.0, 0.3], [1.0, 1.0, -0.5, 0.2]])
+    layer.weight.data = weight[..., None, None]
+    layer.bias.data.fill_(2.0)
+    x = torch.tensor([[0.3, 0.8, 0.5, 0.2], [0.4, 0.1, 0.9, -0.7]])
+    relevance = torch.tensor([[1.0, 2.0, 0.5], [0.7, -1.0, 1.5]])
+
+    def propagate(rule) -> torch.Tensor:
+        model = nn.Sequential(layer).requires_grad_(False)
+        _, got = Gradient(model, LayerMapComposite([(Convolution, rule)]))(
+            x[..., None, None].requires_grad_(True), relevance[..., None, None]
+        )
+        return got[..., 0, 0]
+
+    contributions = x[:, None, :] * weight[None]  # (B, out, in), the bias left out
+    positive, negative = contributions.clamp(min=0), contributions.clamp(max=0)
+    z_plus, z_minus = positive.sum(2, keepdim=True), negative.sum(2, keepdim=True)
+    eps = 1e-6
+    shares = positive / (z_plus + eps) + eps / (z_plus + eps) * negative / (z_minus - eps)
+    expected = (shares * relevance[..., None]).sum(1)
+    got = propagate(ZPlusFallback())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), relevance.sum(1), rtol=1e-5, atol=1e-6)
+    # Control: z+ drops unit 0's relevance on the first image.
+    dropped = relevance.sum(1) - propagate(ZPlus(zero_params=["bias"])).sum(1)
+    torch.testing.assert_close(dropped, torch.tensor([1.0, 0.0]), rtol=0, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def resnet50() -> Classifier:
     return randomised_classifier(name="resnet50")
 
 
-def conservation(classifier: Classifier, layer: str, canonizer: str | None = None) -> float:
+def conservation(
+    classifier: Classifier, layer: str, canonizer: str | None = None, composite: str | None = None
+) -> float:
     """Input relevance / relevance put at ``layer`` (uniform random, positive) for one 64 px image,
-    under the classifier's default composite and, unless given, its default canonizer."""
+    under, unless given, the classifier's default composite and canonizer."""
     defaults = lrp_defaults(classifier.name)
     propagator = propagator_for(
-        classifier, layer, composite=defaults.composite, canonizer=canonizer or defaults.canonizer
+        classifier,
+        layer,
+        composite=composite or defaults.composite,
+        canonizer=canonizer or defaults.canonizer,
     )
     normalised = classifier.normalize(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
     relevance = torch.rand_like(classifier.prefix(layer)(normalised))
@@ -184,6 +232,12 @@ def conservation(classifier: Classifier, layer: str, canonizer: str | None = Non
 def test_resnet50_conserves_relevance_at_conv3_4_with_its_defaults(resnet50):
     assert lrp_defaults("resnet50").canonizer == "resnet"
     assert conservation(resnet50, "conv3_4") == pytest.approx(1.0, abs=1e-3)
+
+
+def test_resnet50_conserves_relevance_at_conv3_4_with_the_zplus_fallback(resnet50):
+    # Two projection shortcuts (layer1.0, layer2.0) and Bottleneck blocks.
+    ratio = conservation(resnet50, "conv3_4", composite="EpsilonPlusFlatZPlusFallback")
+    assert ratio == pytest.approx(1.0, abs=1e-3)
 
 
 def test_resnet50_without_the_canonizer_does_not_conserve(resnet50):
