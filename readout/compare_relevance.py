@@ -66,6 +66,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("EpsilonPlusFlat, lambda-activation", injection="lambda-activation"),
     Variant("EpsilonPlusFlatSumPlus", composite="EpsilonPlusFlatSumPlus"),
     Variant("EpsilonPlusFlatSumPlus, mask_dead", composite="EpsilonPlusFlatSumPlus", mask_dead=True),
+    Variant("EpsilonPlusFlatZPlusFallback", composite="EpsilonPlusFlatZPlusFallback"),
     Variant("EpsilonGammaBox", composite="EpsilonGammaBox"),
     Variant("EpsilonAlpha2Beta1Flat", composite="EpsilonAlpha2Beta1Flat"),
     Variant("EpsilonAlpha2Beta1", composite="EpsilonAlpha2Beta1"),

@@ -7,7 +7,10 @@ input, layer by layer (:mod:`readout.lrp`), on the clean image: no noise below t
 
 The heatmap is the input relevance summed over colour channels, (B, H, W), in bits per pixel and
 signed (rules such as alpha-beta give negative relevance). When the rules conserve relevance, each map
-sums to the relevance injected; ``conservation`` reports the ratio.
+sums to the relevance injected; ``conservation`` reports the ratio. Under the default EpsilonPlusFlat it
+is not exact behind a ResNet's projection shortcut, where z+ drops relevance (:mod:`readout.lrp`): on
+the shipped synthetic-cnn at block2 it is 0.994-1.003 per image (mean 0.9999, 64 held-out images);
+``composite="EpsilonPlusFlatZPlusFallback"`` keeps it within 4e-4 of 1.
 
 Injections (``INJECTIONS``), (B, C, h, w) bits:
 
