@@ -254,6 +254,7 @@ def summary(row: Row, reference: Row, n_images: int) -> dict[str, Any]:
         **{f"delta_{name}": delta for name, (delta, _) in deltas.items()},
         **{f"delta_{name}_se": error for name, (_, error) in deltas.items()},
         "conservation": nanmean(row.conservation) if row.conservation else None,
+        "conservation_range": [min(row.conservation), max(row.conservation)] if row.conservation else None,
         "seconds_per_image": row.seconds / n_images,
     }
 
@@ -330,7 +331,7 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
             *(title for _, title in COLUMNS),
             "Δ mask top-n (± s.e.)",
             "Δ mass in mask (± s.e.)",
-            "conservation",
+            "conservation (min–max per image)",
             "s/img",
         ]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -339,7 +340,11 @@ def markdown(results: list[dict[str, Any]], command: str, seconds: float) -> str
             for name in PAIRED:
                 delta, error = row[f"delta_{name}"], row[f"delta_{name}_se"]
                 cells.append("" if row["conservation"] is None else f"{delta:+.3f} ± {error:.3f}")
-            cells.append("" if row["conservation"] is None else f"{row['conservation']:.4f}")
+            if row["conservation"] is None:
+                cells.append("")
+            else:
+                low, high = row["conservation_range"]
+                cells.append(f"{row['conservation']:.4f} ({low:.4f}–{high:.4f})")
             cells.append(f"{row['seconds_per_image']:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -16,6 +16,10 @@ def test_command_writes_table_and_figure(tmp_path):
     rows = results[0]["rows"]
     assert len(rows) == 3
     assert all(abs(row["conservation"] - 1) < 1e-3 for row in rows[1:])
+    assert all(
+        low <= row["conservation"] <= high for row in rows[1:] for low, high in [row["conservation_range"]]
+    )
+    assert rows[0]["conservation_range"] is None
     assert (tmp_path / "figure-64px-block3.png").stat().st_size > 0
     assert "| IBA (upsampled) |" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["images"] == 2
