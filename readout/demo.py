@@ -22,7 +22,7 @@ from readout.data.synthetic import synthetic_batch, write_shards
 from readout.data.transforms import eval_transform
 from readout.export import load
 from readout.metrics import box_ratio
-from readout.plotting import save_heatmap_png
+from readout.plotting import save_heatmap_png, save_heatmap_sheet
 
 #: Seeds of the demo's data: training, validation and the held-out images are disjoint.
 TRAIN_SEED, VAL_SEED, HELD_OUT_SEED = 10, 11, 4242
@@ -51,9 +51,11 @@ def held_out_report(bundle: str, out: Path, n: int, size: int, pictures: int) ->
     explanation = attributor.explain(batch["image"], batch["label"])
     ratio, valid = box_ratio(explanation.heatmap, batch["box_mask"])
     out.mkdir(parents=True, exist_ok=True)
+    titles = [f"readout, class {attributor.classifier.classes[int(label)]}" for label in batch["label"]]
     for i in range(pictures):
-        title = f"readout, class {attributor.classifier.classes[int(batch['label'][i])]}"
-        save_heatmap_png(out / f"heldout-{i:02d}.png", batch["image"][i], explanation.heatmap[i], title)
+        save_heatmap_png(out / f"heldout-{i:02d}.png", batch["image"][i], explanation.heatmap[i], titles[i])
+    # The first four, not selected: the README's picture.
+    save_heatmap_sheet(out / "overview.png", batch["image"][:4], explanation.heatmap[:4], titles[:4])
     return {
         "box_ratio": float(ratio[valid].mean()),
         "images": int(valid.sum()),

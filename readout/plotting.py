@@ -31,6 +31,28 @@ def colour_scale(heatmap: np.ndarray, symmetric: bool) -> ColourScale:
     return ColourScale("inferno", 0.0, float(heatmap.max()) or 1.0)
 
 
+def _draw_pair(
+    figure: plt.Figure,
+    left: plt.Axes,
+    right: plt.Axes,
+    image: torch.Tensor,
+    heatmap: torch.Tensor,
+    symmetric: bool,
+    unit: str,
+) -> ColourScale:
+    """The image on ``left``, the heatmap over its gray version on ``right`` with a colour bar."""
+    picture = image.detach().cpu().permute(1, 2, 0).numpy()
+    values = heatmap.detach().cpu().float().numpy()
+    scale = colour_scale(values, symmetric)
+    left.imshow(picture)
+    left.set_axis_off()
+    right.imshow(picture.mean(axis=2), cmap="gray", vmin=0, vmax=1)
+    shown = right.imshow(values, cmap=scale.cmap, vmin=scale.vmin, vmax=scale.vmax, alpha=0.75)
+    right.set_axis_off()
+    figure.colorbar(shown, ax=right, fraction=0.046, pad=0.04, label=unit)
+    return scale
+
+
 def save_heatmap_png(
     path: str | Path,
     image: torch.Tensor,
@@ -44,22 +66,41 @@ def save_heatmap_png(
     Signed maps (Relevance-IBA) use a symmetric diverging colour map centred on zero. Returns the
     colour scale drawn.
     """
-    picture = image.detach().cpu().permute(1, 2, 0).numpy()
-    values = heatmap.detach().cpu().float().numpy()
-    scale = colour_scale(values, symmetric)
     figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3.2))
-    left.imshow(picture)
-    left.set_axis_off()
-    right.imshow(picture.mean(axis=2), cmap="gray", vmin=0, vmax=1)
-    shown = right.imshow(values, cmap=scale.cmap, vmin=scale.vmin, vmax=scale.vmax, alpha=0.75)
-    right.set_axis_off()
-    figure.colorbar(shown, ax=right, fraction=0.046, pad=0.04, label=unit)
+    scale = _draw_pair(figure, left, right, image, heatmap, symmetric, unit)
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return scale
+
+
+def save_heatmap_sheet(
+    path: str | Path,
+    images: torch.Tensor,
+    heatmaps: torch.Tensor,
+    titles: list[str],
+    columns: int = 2,
+    symmetric: bool = False,
+    unit: str = "bits per pixel",
+) -> None:
+    """Several (image, heatmap) pairs as :func:`save_heatmap_png` draws one, ``columns`` pairs a row,
+    each with its own colour bar and title: images (B, 3, H, W), heatmaps (B, H, W)."""
+    count = len(images)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, 2 * columns, figsize=(7 * columns, 3.2 * rows), squeeze=False)
+    for i in range(rows * columns):
+        left, right = axes[i // columns, 2 * (i % columns)], axes[i // columns, 2 * (i % columns) + 1]
+        if i >= count:
+            left.set_axis_off()
+            right.set_axis_off()
+            continue
+        _draw_pair(figure, left, right, images[i], heatmaps[i], symmetric, unit)
+        left.set_title(titles[i], fontsize=9, loc="left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
