@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv demo test test-slow lint bench relevance
+.PHONY: venv demo test test-slow lint bench relevance eval
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ test: lint
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow
+
+# The CPU benchmarks of BENCHMARKS.md (minutes; ratios side by side). GPU rows: add --device cuda.
+bench: venv
+	$(PY) -m readout.bench --repeats 3 per-sample --classifiers synthetic-cnn --batch-sizes 8
+	$(PY) -m readout.bench --repeats 1 readout --classifiers synthetic-cnn --batch 8
+
+# The evaluation table of the README (methods x metrics on 512 held-out synthetic images).
+eval: venv
+	$(PY) -m readout.evaluate --config configs/eval/synthetic.yaml
 
 # Relevance-IBA against upsampled IBA (README, "Relevance-IBA"): the 224-px readout is trained first
 # (about 4 minutes on 2 cores; its bundle is 19 MB, so it is made here rather than shipped).
