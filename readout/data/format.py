@@ -295,9 +295,11 @@ class Manifest:
         """Reads a manifest from a local path or any fsspec URL."""
         with fsspec.open(path, "r") as stream:
             data = json.load(stream)
-        if data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        if found != FORMAT or not isinstance(data.get("shards"), list):
             raise ValueError(
-                f"{path} is not a shard manifest (format {data.get('format')!r}, expected {FORMAT!r})"
+                f"{path} is not a shard manifest (format {found!r}, expected {FORMAT!r}, with a list "
+                "of shards)"
             )
         shards = [ShardInfo(**shard) for shard in data["shards"]]
         return cls(

@@ -96,8 +96,13 @@ def test_batched_jpeg_decode_on_a_gpu_gives_the_cpu_pixels_nearly() -> None:
 
 @pytest.mark.parametrize(
     ("content", "found"),
-    [({"format": "webdataset/9", "shards": []}, "'webdataset/9'"), ({"shards": []}, "None")],
-    ids=["other-format", "no-format"],
+    [
+        ({"format": "webdataset/9", "shards": []}, "'webdataset/9'"),
+        ({"shards": []}, "None"),
+        ([1, 2], "'list'"),
+        ({"format": "readout-shards/1"}, "'readout-shards/1'"),
+    ],
+    ids=["other-format", "no-format", "not-an-object", "no-shards"],
 )
 def test_a_json_that_is_not_a_shard_manifest_is_refused_by_name(
     tmp_path: Path, content: dict, found: str
@@ -106,5 +111,7 @@ def test_a_json_that_is_not_a_shard_manifest_is_refused_by_name(
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError) as error:
         Manifest.read(str(path))
-    expected = f"{path} is not a shard manifest (format {found}, expected 'readout-shards/1')"
+    expected = (
+        f"{path} is not a shard manifest (format {found}, expected 'readout-shards/1', with a list of shards)"
+    )
     assert str(error.value) == expected
