@@ -12,6 +12,7 @@ per-feature mean and std over data; λ ∈ [0, 1] is the share of the signal let
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ class FeatureStatistics(nn.Module):
     Sums are kept in float64, so states from several processes or data chunks merge exactly by
     addition (:meth:`merge`, :meth:`all_reduce`). The buffers are persistent: the statistics are saved
     and loaded with the ``state_dict`` of whatever module holds them.
+
+    μ, σ and the active units are derived once per change of the sums and kept: every optimisation
+    step of a Per-Sample fit reads them, and deriving them anew would also stop a GPU stream three times
+    a step (the emptiness check reads the count on the host). Change the sums only through these
+    methods, ``load_state_dict`` or ``.to()``; all of them drop the derived values.
     """
 
     count: torch.Tensor
@@ -41,6 +47,7 @@ class FeatureStatistics(nn.Module):
         self.register_buffer("total", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("total_sq", torch.zeros(shape, dtype=torch.float64))
         self.register_buffer("nonzero", torch.zeros(shape, dtype=torch.float64))
+        self._derived: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -54,6 +61,7 @@ class FeatureStatistics(nn.Module):
                 f"features of shape {tuple(features.shape[1:])} do not match statistics {self.shape}"
             )
         x = features.detach().to(torch.float64)
+        self._derived = None
         self.count += x.shape[0]
         self.total += x.sum(0)
         self.total_sq += x.square().sum(0)
@@ -62,6 +70,7 @@ class FeatureStatistics(nn.Module):
     @torch.no_grad()
     def merge(self, other: FeatureStatistics) -> None:
         """Adds another estimator's samples to this one."""
+        self._derived = None
         for name in ("count", "total", "total_sq", "nonzero"):
             getattr(self, name).add_(getattr(other, name))
 
@@ -70,32 +79,43 @@ class FeatureStatistics(nn.Module):
         """Sums the state over all ranks of the default process group (no-op without one)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
+        self._derived = None
         for name in ("count", "total", "total_sq", "nonzero"):
             torch.distributed.all_reduce(getattr(self, name))
 
-    def _require_samples(self) -> None:
-        if self.count.item() == 0:
-            raise RuntimeError("the feature statistics are empty: call estimate() before attributing")
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._derived = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FeatureStatistics:
+        self._derived = None  # the buffers move or change dtype
+        return super()._apply(fn, recurse)
+
+    def _derive(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(μ, σ, active) from the sums, computed on the first use after they changed."""
+        if self._derived is None:
+            if self.count.item() == 0:
+                raise RuntimeError("the feature statistics are empty: call estimate() before attributing")
+            mean = self.total / self.count
+            var = (self.total_sq / self.count - mean.square()).clamp_min(0.0)
+            active = (self.nonzero / self.count) > self.active_threshold
+            self._derived = (mean.float(), var.sqrt().clamp_min(self.min_std).float(), active)
+        return self._derived
 
     @property
     def mean(self) -> torch.Tensor:
         """μ: (C, h, w), float32."""
-        self._require_samples()
-        return (self.total / self.count).float()
+        return self._derive()[0]
 
     @property
     def std(self) -> torch.Tensor:
         """σ: (C, h, w), float32, floored at ``min_std`` so dead units never divide by zero."""
-        self._require_samples()
-        mean = self.total / self.count
-        var = (self.total_sq / self.count - mean.square()).clamp_min(0.0)
-        return var.sqrt().clamp_min(self.min_std).float()
+        return self._derive()[1]
 
     @property
     def active(self) -> torch.Tensor:
         """(C, h, w) bool: units non-zero in more than ``active_threshold`` of the samples."""
-        self._require_samples()
-        return (self.nonzero / self.count) > self.active_threshold
+        return self._derive()[2]
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

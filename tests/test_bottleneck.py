@@ -105,6 +105,28 @@ def test_statistics_state_dict_round_trip():
     assert torch.equal(loaded.active, stats.active)
 
 
+def test_derived_statistics_are_kept_until_the_sums_change(monkeypatch):
+    data = torch.relu(torch.randn(30, 2, 3, 3))
+    stats = fitted_statistics(data[:10])
+    mean, std, active = stats.mean, stats.std, stats.active
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or 1.0)
+    assert stats.mean is mean and stats.std is std and stats.active is active
+    assert not reads  # no host read of the count, which would stop a GPU stream every step
+    monkeypatch.undo()
+
+    def expected(part):
+        return fitted_statistics(part).mean
+
+    stats.update(data[10:20])
+    torch.testing.assert_close(stats.mean, expected(data[:20]))
+    stats.merge(fitted_statistics(data[20:]))
+    torch.testing.assert_close(stats.mean, expected(data))
+    stats.load_state_dict(fitted_statistics(data[:5]).state_dict())
+    torch.testing.assert_close(stats.mean, expected(data[:5]))
+    assert stats.double().mean.dtype == torch.float32 and stats.mean.device == stats.total.device
+
+
 def test_dead_units_floor_std_and_count_as_inactive():
     data = torch.relu(torch.randn(50, 2, 2, 2))
     data[:, 0] = 0.0
