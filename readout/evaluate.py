@@ -83,7 +83,7 @@ from readout.metrics.randomisation import cascading_randomisation
 from readout.metrics.tiles import Baseline
 
 #: Bump when the meaning of cached states changes: older cache files are then ignored.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -737,6 +737,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _with_error(value: Any, error: Any) -> str:
+    """``0.818 ± 0.012``, or the value alone where the error is undefined."""
+    if error is None or (isinstance(error, float) and math.isnan(error)):
+        return _fmt(value)
+    return f"{_fmt(value)} ± {_fmt(error)}"
+
+
 def markdown_table(config: EvalConfig, rows: dict[str, Any], size: tuple[int, int]) -> str:
     """The paper's Table 2 layout: one row per method; degradation per tile size, boxes, masks."""
     tiles = config.degradation.tiles
@@ -745,8 +752,16 @@ def markdown_table(config: EvalConfig, rows: dict[str, Any], size: tuple[int, in
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, result in rows.items():
         loc = result["localisation"]
-        cells = [name, *[_fmt(result[f"degradation-{t}"]["score"]) for t in tiles]]
-        cells += [_fmt(loc["box_ratio"]), _fmt(loc["mask_ratio"]), _fmt(loc["mask_mass"])]
+        cells = [name]
+        cells += [
+            _with_error(result[f"degradation-{t}"]["score"], result[f"degradation-{t}"]["score_se"])
+            for t in tiles
+        ]
+        cells += [
+            _with_error(loc["box_ratio"], loc["box_ratio_se"]),
+            _fmt(loc["mask_ratio"]),
+            _fmt(loc["mask_mass"]),
+        ]
         cells += [_fmt(loc["boundary_sharpness"])]
         sens = result.get("sensitivity")
         correlations = [c for c in (sens or {}).get("correlation", []) if not math.isnan(c)]
@@ -764,7 +779,8 @@ def markdown_table(config: EvalConfig, rows: dict[str, Any], size: tuple[int, in
     height, width = size
     notes = [
         "",
-        f"Images: {first['images']} ({height}x{width} px); target: {config.target}. "
+        f"Images: {first['images']} ({height}x{width} px); target: {config.target}. ± is the standard "
+        "error over images (for degradation with t1 and b fixed). "
         f"Degradation (area between scaled LeRF and MoRF, eq. 8): tiles of {', '.join(map(str, tiles))} px "
         f"({', '.join(str(num_tiles(height, width, t)) for t in tiles)} tiles), "
         f"baseline {config.degradation.baseline}, on {', '.join(counts)} images. "

@@ -14,20 +14,23 @@ from torchmetrics import Metric
 
 
 class ImageMeans(Metric):
-    """Column means of per-image values (B, L), NaN left out; sums and counts reduced by summation.
+    """Column means of per-image values (B, L), NaN left out; sums, sums of squares and counts reduced
+    by summation.
 
-    ``compute`` returns ``{"mean": (L,), "count": (L,)}``; subclasses name the columns.
+    ``compute`` returns ``{"mean": (L,), "se": (L,), "count": (L,)}``; subclasses name the columns.
     """
 
     is_differentiable = False
     full_state_update = False
     sums: torch.Tensor
+    squares: torch.Tensor
     counts: torch.Tensor
 
     def __init__(self, size: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.size = size
         self.add_state("sums", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("squares", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, values: torch.Tensor) -> None:
@@ -35,15 +38,28 @@ class ImageMeans(Metric):
         if values.dim() != 2 or values.shape[1] != self.size:
             raise ValueError(f"values must be (B, {self.size}), got {tuple(values.shape)}")
         defined = ~values.isnan()
-        self.sums += torch.where(defined, values, 0).double().sum(dim=0)
+        kept = torch.where(defined, values, 0).double()
+        self.sums += kept.sum(dim=0)
+        self.squares += kept.square().sum(dim=0)
         self.counts += defined.sum(dim=0)
 
     def means(self) -> torch.Tensor:
         """(L,) float64: the mean of each column over the defined values; NaN where none was."""
         return self.sums / self.counts
 
+    def standard_errors(self) -> torch.Tensor:
+        """(L,) float64: the standard error of each mean, sample std / √count; NaN below 2 values."""
+        return standard_error(self.sums, self.squares, self.counts)
+
     def compute(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.means(), "count": self.counts}
+        return {"mean": self.means(), "se": self.standard_errors(), "count": self.counts}
+
+
+def standard_error(sums: torch.Tensor, squares: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The standard error of a mean from the sum, the sum of squares and the count of its values:
+    √(Σ(x − x̄)² / (n − 1)) / √n, NaN where n < 2."""
+    variance = (squares - sums.square() / counts).clamp_min(0.0) / (counts - 1)
+    return torch.where(counts >= 2, (variance / counts).sqrt(), torch.nan)
 
 
 def results_dict(metrics: Mapping[str, Metric]) -> dict[str, Any]:

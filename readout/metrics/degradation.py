@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from readout.metrics.aggregate import standard_error
 from readout.metrics.chunks import logits_of, map_chunks, resolve_targets
 from readout.metrics.tiles import (
     Baseline,
@@ -130,7 +131,9 @@ class Degradation(Metric):
     ``update(morf, lerf, top1)`` with the outputs of :func:`degradation_curves` (B, T + 1) and
     :func:`top1_probability` (B,). States are sums (float64) reduced by summation, so any split of the
     data over batches and ranks gives the same score. ``compute`` returns :func:`scaled_degradation`'s
-    dict plus ``count``, the number of images.
+    dict plus ``count``, the number of images, and ``score_se``: the standard error of the score over
+    images, from each image's area between its raw LeRF and MoRF curves (the score is their mean
+    divided by t1 − b), with t1 and b taken as fixed.
     """
 
     is_differentiable = False
@@ -139,6 +142,8 @@ class Degradation(Metric):
     morf_sum: torch.Tensor
     lerf_sum: torch.Tensor
     top1_sum: torch.Tensor
+    area_sum: torch.Tensor
+    area_squares: torch.Tensor
     count: torch.Tensor
 
     def __init__(self, num_tiles: int, **kwargs: Any) -> None:
@@ -150,6 +155,8 @@ class Degradation(Metric):
         self.add_state("morf_sum", default=curve.clone(), dist_reduce_fx="sum")
         self.add_state("lerf_sum", default=curve.clone(), dist_reduce_fx="sum")
         self.add_state("top1_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("area_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("area_squares", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, morf: torch.Tensor, lerf: torch.Tensor, top1: torch.Tensor) -> None:
@@ -159,10 +166,15 @@ class Degradation(Metric):
         self.morf_sum += morf.double().sum(dim=0)
         self.lerf_sum += lerf.double().sum(dim=0)
         self.top1_sum += top1.double().sum()
+        fraction = torch.linspace(0, 1, self.num_tiles + 1, dtype=torch.float64, device=morf.device)
+        areas = torch.trapezoid(lerf.double() - morf.double(), fraction, dim=1)
+        self.area_sum += areas.sum()
+        self.area_squares += areas.square().sum()
         self.count += top1.shape[0]
 
     def compute(self) -> dict[str, torch.Tensor]:
         summary = scaled_degradation(
             self.morf_sum / self.count, self.lerf_sum / self.count, self.top1_sum / self.count
         )
-        return {**summary, "count": self.count}
+        error = standard_error(self.area_sum, self.area_squares, self.count) / (summary["t1"] - summary["b"])
+        return {**summary, "score_se": error.abs(), "count": self.count}

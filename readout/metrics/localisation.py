@@ -157,8 +157,9 @@ def localisation_scores(
 class Localisation(ImageMeans):
     """Means of :func:`localisation_scores` over the images where each applies, across batches and ranks.
 
-    ``update(attributions, box_mask, mask=None, has_mask=None)``; ``compute`` returns ``{score: mean}``
-    and ``{score + "_count": number of images}`` for every name in :data:`LOCALISATION_SCORES`.
+    ``update(attributions, box_mask, mask=None, has_mask=None)``; ``compute`` returns ``{score: mean}``,
+    ``{score + "_se": its standard error over images}`` and ``{score + "_count": number of images}`` for
+    every name in :data:`LOCALISATION_SCORES`.
     """
 
     higher_is_better = True
@@ -181,7 +182,9 @@ class Localisation(ImageMeans):
         super().update(torch.stack([scores[name] for name in LOCALISATION_SCORES], dim=1))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        means = self.means()
-        return {name: means[i] for i, name in enumerate(LOCALISATION_SCORES)} | {
-            f"{name}_count": self.counts[i] for i, name in enumerate(LOCALISATION_SCORES)
+        means, errors = self.means(), self.standard_errors()
+        return {
+            **{name: means[i] for i, name in enumerate(LOCALISATION_SCORES)},
+            **{f"{name}_se": errors[i] for i, name in enumerate(LOCALISATION_SCORES)},
+            **{f"{name}_count": self.counts[i] for i, name in enumerate(LOCALISATION_SCORES)},
         }

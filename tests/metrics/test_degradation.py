@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -113,13 +115,19 @@ def test_exact_attribution_gives_morf_below_lerf(images):
     assert (morf[:, 1:-1] < lerf[:, 1:-1]).any()
 
 
-def slow_score(morf, lerf, top1):
+def slow_areas(morf, lerf, top1):
+    """Each image's area between its scaled LeRF and MoRF curves (eq. 8, t1 and b over the set)."""
     t1, b = sum(top1.tolist()) / len(top1), sum(morf[:, -1].tolist()) / len(morf)
     steps = morf.shape[1] - 1
     areas = []
     for most, least in zip(morf.tolist(), lerf.tolist(), strict=True):
         diff = [((li - b) - (mi - b)) / (t1 - b) for mi, li in zip(most, least, strict=True)]
         areas.append(sum((diff[k] + diff[k + 1]) / 2 / steps for k in range(steps)))
+    return areas
+
+
+def slow_score(morf, lerf, top1):
+    areas = slow_areas(morf, lerf, top1)
     return sum(areas) / len(areas)
 
 
@@ -137,6 +145,22 @@ def test_score_is_eq8_area_between_scaled_curves():
     assert summary["score"].item() == pytest.approx(slow_score(morf, lerf, top1), abs=1e-12)
     assert summary["morf"][-1].item() == pytest.approx(0.0)
     assert summary["fraction"].tolist() == [k / 9 for k in range(10)]
+
+
+def test_standard_error_is_that_of_the_per_image_areas():
+    morf, lerf, top1 = random_curves(7, 5, seed=4)
+    areas = slow_areas(morf, lerf, top1)
+    mean = sum(areas) / len(areas)
+    expected = math.sqrt(sum((a - mean) ** 2 for a in areas) / (len(areas) - 1) / len(areas))
+    metric = Degradation(num_tiles=5)
+    metric.update(morf[:3], lerf[:3], top1[:3])
+    metric.update(morf[3:], lerf[3:], top1[3:])
+    result = metric.compute()
+    assert result["score"].item() == pytest.approx(mean, abs=1e-12)
+    assert result["score_se"].item() == pytest.approx(expected, rel=1e-9)
+    one = Degradation(num_tiles=5)
+    one.update(morf[:1], lerf[:1], top1[:1])
+    assert math.isnan(one.compute()["score_se"].item())
 
 
 def test_metric_merged_over_two_ranks_equals_one_pass():
