@@ -16,7 +16,7 @@ from torch import nn
 from readout.attributor import BottleneckAttributor, Explanation, checked_target
 from readout.backbones import Classifier, backbone_spec, tap_info
 from readout.bottleneck import LN2, FeatureStatistics, information_map
-from readout.readout_net import ReadoutNet, stack_readout_features
+from readout.readout_net import ReadoutNet
 from readout.taps import FeatureTaps
 
 
@@ -63,7 +63,7 @@ class ReadoutBottleneck(BottleneckAttributor):
     def alpha(self, readout_features: list[torch.Tensor]) -> torch.Tensor:
         """α (B, C, h, w) from the readout features."""
         size = (self.shape[1], self.shape[2])
-        return self.net(stack_readout_features(readout_features, self.tap_statistics, size))
+        return self.net.from_taps(readout_features, self.tap_statistics, size)
 
     def update_statistics(self, images: torch.Tensor) -> None:
         _, features, readout = self.first_pass(images)

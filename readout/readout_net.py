@@ -3,6 +3,13 @@
 Three 1x1 convolutions with ReLUs between them, channel widths as in the paper's code:
 in -> in/2 -> 2·C -> C, where ``in`` is the number of channels of all readout taps stacked and C
 the bottleneck's channels. It maps the stacked, normalised, upsampled readout features to α.
+
+The first convolution dominates the cost: for resnet50 it maps 4840 stacked channels at 56x56, about
+37 GMAC per image, nine times the classifier. It is linear, and so are the bilinear resize and the
+broadcast of the logits, which act on each channel alone: they commute. :meth:`ReadoutNet.from_taps`
+therefore applies each tap's block of the first convolution to that tap at the smaller of its own and
+the bottleneck's resolution, then resizes and sums: the same α up to rounding (a test checks it), with
+the first layer about ten times cheaper for resnet50 (3.6 GMAC).
 """
 
 from __future__ import annotations
@@ -37,7 +44,40 @@ class ReadoutNet(nn.Module):
         nn.init.constant_(last.bias, init_alpha)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """α from the stacked features (B, in, h, w) of :func:`stack_readout_features`."""
         return self.layers(features)
+
+    def from_taps(
+        self, features: list[torch.Tensor], statistics: list[FeatureStatistics], size: tuple[int, int]
+    ) -> torch.Tensor:
+        """α (B, C, h, w) from the tapped maps themselves: ``self(stack_readout_features(features,
+        statistics, size))`` computed with the first convolution moved before the resize (see the
+        module docstring). features: maps (B, C_t, h_t, w_t) or vectors (B, C_t), in the order of the
+        stacked channels."""
+        first = self.layers[0]
+        assert isinstance(first, nn.Conv2d) and first.bias is not None
+        weight = first.weight[:, :, 0, 0]  # (hidden, in)
+        total = first.bias[None, :, None, None]
+        offset = 0
+        for x, stats in zip(features, statistics, strict=True):
+            x = (x - stats.mean) / stats.std
+            block = weight[:, offset : offset + x.shape[1]]
+            offset += x.shape[1]
+            if x.dim() == 2:
+                total = total + (x @ block.T)[:, :, None, None]  # broadcast over space below
+                continue
+            if x.shape[-2] * x.shape[-1] > size[0] * size[1]:
+                x = _resize(x, size)  # a larger map: resize first, then the cheaper convolution
+            total = total + _resize(F.conv2d(x, block[:, :, None, None]), size)
+        if offset != weight.shape[1]:
+            raise ValueError(f"the taps have {offset} channels, the readout net reads {weight.shape[1]}")
+        return self.layers[1:](total.expand(-1, -1, *size))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def stack_readout_features(
@@ -53,7 +93,7 @@ def stack_readout_features(
         x = (x - stats.mean) / stats.std
         if x.dim() == 2:
             x = x[:, :, None, None].expand(-1, -1, *size)
-        elif tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        else:
+            x = _resize(x, size)
         stacked.append(x)
     return torch.cat(stacked, dim=1)

@@ -81,3 +81,31 @@ def test_a_bad_target_is_refused_though_the_heatmap_does_not_use_it(readout, tar
     with pytest.raises(ValueError, match=message):
         readout(torch.rand(2, 3, 64, 64), target)
     assert readout(torch.rand(2, 3, 64, 64), torch.tensor([0, 5])).shape == (2, 64, 64)
+
+
+def test_first_layer_before_the_resize_gives_the_alpha_of_the_stacked_features():
+    # The first 1x1 convolution commutes with the bilinear resize and the broadcast (all linear):
+    # maps larger than, equal to and smaller than the bottleneck's 8x8, and logits.
+    torch.manual_seed(3)
+    features = [
+        torch.randn(2, 3, 16, 16),
+        torch.randn(2, 4, 8, 8),
+        torch.randn(2, 5, 3, 5),
+        torch.randn(2, 6),
+    ]
+    stats = []
+    for x in features:
+        s = FeatureStatistics(tuple(x.shape[1:]))
+        s.update(torch.randn(10, *x.shape[1:]) * 2 + 1)
+        stats.append(s)
+    net = ReadoutNet(in_channels=18, out_channels=7).double()
+    for layer in net.layers:
+        if isinstance(layer, torch.nn.Conv2d):
+            torch.nn.init.normal_(layer.weight)  # the zero-initialised last layer would hide everything
+    features = [x.double() for x in features]
+    stacked = net(stack_readout_features(features, stats, (8, 8)))
+    direct = net.from_taps(features, stats, (8, 8))
+    assert direct.shape == (2, 7, 8, 8) and stacked.abs().max() > 1
+    torch.testing.assert_close(direct, stacked, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="the taps have 12 channels, the readout net reads 18"):
+        net.from_taps(features[:-1], stats[:-1], (8, 8))
