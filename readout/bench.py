@@ -96,13 +96,18 @@ def bench_per_sample(args: argparse.Namespace) -> list[dict]:
         size = classifier.input_size
         for batch in args.batch_sizes:
             attributor = PerSample(classifier, steps=args.steps, copies=args.copies).to(device)
+            own = PerSample(classifier, steps=args.steps, copies=args.copies, fuse=False).to(device)
             images = torch.rand(batch, 3, size, size, device=device)
             attributor.estimate([torch.rand(8, 3, size, size, device=device)], progress=False)
+            own.load_state_dict(attributor.state_dict())
             target = torch.zeros(batch, dtype=torch.long, device=device)
             noise = torch.randn(args.steps, batch, args.copies, *attributor.shape, device=device)
             rates = compare(
                 {
                     "batched + cached": partial(attributor.explain, images, target, noise=noise),
+                    "batched + cached, batch norm not folded": partial(
+                        own.explain, images, target, noise=noise
+                    ),
                     "straightforward (one image, full model)": partial(
                         straightforward_heatmaps, attributor, images, target, noise
                     ),

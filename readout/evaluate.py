@@ -29,7 +29,6 @@ by the command itself when ``data.synthetic`` is set and its shards are missing.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -49,7 +48,7 @@ from torch import nn
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from readout.backbones import Classifier, load_classifier
+from readout.backbones import Classifier, folded_copy, load_classifier
 from readout.data.shards import ShardList, make_loader, resolve_shards
 from readout.data.transforms import eval_transform
 from readout.explain import DEFAULT_CACHE
@@ -272,27 +271,7 @@ def in_subset(key: str, fraction: float, salt: str) -> bool:
 
 def inference_model(classifier: Classifier, fuse: bool) -> nn.Module:
     """The classifier for forward-only metrics: a batch-norm-folded channels-last copy, or itself."""
-    if not fuse:
-        return classifier
-    try:
-        from torch.fx.experimental.optimization import fuse as fuse_modules
-
-        folded = fuse_modules(copy.deepcopy(classifier)).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    except Exception as error:  # a model fx cannot trace is evaluated as it is
-        warnings.warn(
-            f"cannot fold batch norm of {classifier.name!r} ({error}); using it unchanged", stacklevel=2
-        )
-        return classifier
-    return _ChannelsLast(folded)
-
-
-class _ChannelsLast(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.contiguous(memory_format=torch.channels_last))
+    return folded_copy(classifier, classifier.name) if fuse else classifier
 
 
 def ensure_synthetic(config: DataConfig) -> None:

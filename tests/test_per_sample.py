@@ -101,13 +101,15 @@ def test_reseeding_the_generator_repeats_the_noise(attributor):
     assert torch.equal(attributor.draw_noise(1, torch.zeros(1)), first)
 
 
-def test_prefix_runs_once_and_the_suffix_once_per_step(attributor):
+@pytest.mark.parametrize("fuse", [False, True], ids=["own-modules", "folded"])
+def test_prefix_runs_once_and_the_suffix_once_per_step(attributor, fuse):
     # Batched and cached (issue 3): the layers before the bottleneck see the B images once; the layers
     # after it see the B clean activations once (top-1), then B·copies noisy ones on every step and in
-    # the final evaluation with the fitted α.
+    # the final evaluation with the fitted α. Folded, those run as a copy and the originals never.
+    attributor.fuse = fuse
     batch, index = 2, attributor.classifier.tap_index(attributor.layer)
     stages = attributor.classifier.stages
-    calls: dict[str, list[int]] = {"prefix": [], "suffix": []}
+    calls: dict[str, list[int]] = {"prefix": [], "suffix": [], "folded": []}
 
     def record(part):
         return lambda module, inputs, output: calls[part].append(inputs[0].shape[0])
@@ -116,15 +118,21 @@ def test_prefix_runs_once_and_the_suffix_once_per_step(attributor):
         stage.register_forward_hook(record("prefix" if i <= index else "suffix"))
         for i, stage in enumerate(stages)
     ]
+    if fuse:
+        handles.append(attributor.fitting_suffix().register_forward_hook(record("folded")))
     try:
         attributor.explain(torch.rand(batch, 3, 64, 64))
     finally:
+        attributor.fuse = True
         for handle in handles:
             handle.remove()
     prefix_stages, suffix_stages = index + 1, len(stages) - index - 1
     assert calls["prefix"] == [batch] * prefix_stages
     passes = [batch] + [batch * attributor.copies] * (attributor.steps + 1)
-    assert calls["suffix"] == [size for size in passes for _ in range(suffix_stages)]
+    if fuse:
+        assert calls["suffix"] == [] and calls["folded"] == passes
+    else:
+        assert calls["suffix"] == [size for size in passes for _ in range(suffix_stages)]
     assert all(p.grad is None for p in attributor.classifier.parameters())
 
 
@@ -182,3 +190,29 @@ def test_per_sample_on_cuda_matches_cpu_on_the_same_noise(attributor, monkeypatc
     assert first.device.type == "cuda" and torch.equal(first, second)
     explanation = cuda.explain(images.cuda())
     torch.testing.assert_close(explanation.heatmap.sum((1, 2)), explanation.total_bits, rtol=1e-4, atol=1e-6)
+
+
+def test_the_folded_suffix_gives_the_maps_of_the_classifiers_own_and_follows_its_weights(attributor):
+    images = torch.rand(2, 3, 64, 64)
+    noise = torch.randn(attributor.steps, 2, attributor.copies, *attributor.shape)
+    folded = attributor.explain(images, noise=noise)
+    attributor.fuse = False
+    try:
+        own = attributor.explain(images, noise=noise)
+    finally:
+        attributor.fuse = True
+    torch.testing.assert_close(folded.heatmap, own.heatmap, rtol=1e-4, atol=1e-6)
+    first = attributor.fitting_suffix()
+    assert attributor.fitting_suffix() is first  # kept between calls
+    fc = attributor.classifier.stages[-1]
+    saved = fc.weight.clone()
+    try:
+        with torch.no_grad():
+            fc.weight.mul_(2.0)  # an in-place change of the classifier: the copy is made again
+        again = attributor.fitting_suffix()
+        assert again is not first
+        z = torch.rand(3, *attributor.shape)
+        torch.testing.assert_close(again(z), attributor.suffix(z), rtol=1e-4, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            fc.weight.copy_(saved)
