@@ -63,7 +63,7 @@ class ReadoutBottleneck(BottleneckAttributor):
     def alpha(self, readout_features: list[torch.Tensor]) -> torch.Tensor:
         """α (B, C, h, w) from the readout features."""
         size = (self.shape[1], self.shape[2])
-        return self.net.from_taps(readout_features, self.tap_statistics, size)
+        return self.net(readout_features, self.tap_statistics, size)
 
     def update_statistics(self, images: torch.Tensor) -> None:
         _, features, readout = self.first_pass(images)

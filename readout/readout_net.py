@@ -6,7 +6,7 @@ the bottleneck's channels. It maps the stacked, normalised, upsampled readout fe
 
 The first convolution dominates the cost: for resnet50 it maps 4840 stacked channels at 56x56, about
 37 GMAC per image, nine times the classifier. It is linear, and so are the bilinear resize and the
-broadcast of the logits, which act on each channel alone: they commute. :meth:`ReadoutNet.from_taps`
+broadcast of the logits, which act on each channel alone: they commute. :meth:`ReadoutNet.forward`
 therefore applies each tap's block of the first convolution to that tap at the smaller of its own and
 the bottleneck's resolution, then resizes and sums: the same α up to rounding (a test checks it), with
 the first layer about ten times cheaper for resnet50 (3.6 GMAC).
@@ -22,7 +22,8 @@ from readout.bottleneck import FeatureStatistics
 
 
 class ReadoutNet(nn.Module):
-    """(B, in, h, w) readout features -> α (B, C, h, w).
+    """The tapped maps -> α (B, C, h, w) (:meth:`forward`), or the same from the stacked features
+    (B, in, h, w) (:meth:`stacked`).
 
     The last layer starts with zero weights and bias ``init_alpha``, so training starts from α = 5,
     λ = sigmoid(5) ≈ 0.993: almost all of the signal passes, as at the start of a per-sample fit.
@@ -43,17 +44,17 @@ class ReadoutNet(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, init_alpha)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def stacked(self, features: torch.Tensor) -> torch.Tensor:
         """α from the stacked features (B, in, h, w) of :func:`stack_readout_features`."""
         return self.layers(features)
 
-    def from_taps(
+    def forward(
         self, features: list[torch.Tensor], statistics: list[FeatureStatistics], size: tuple[int, int]
     ) -> torch.Tensor:
-        """α (B, C, h, w) from the tapped maps themselves: ``self(stack_readout_features(features,
-        statistics, size))`` computed with the first convolution moved before the resize (see the
-        module docstring). features: maps (B, C_t, h_t, w_t) or vectors (B, C_t), in the order of the
-        stacked channels."""
+        """α (B, C, h, w) from the tapped maps themselves: ``self.stacked(stack_readout_features(
+        features, statistics, size))`` computed with the first convolution moved before the resize
+        (see the module docstring). features: maps (B, C_t, h_t, w_t) or vectors (B, C_t), in the order
+        of the stacked channels. The forward, so that a DDP wrapper of the net sees it run."""
         first = self.layers[0]
         assert isinstance(first, nn.Conv2d) and first.bias is not None
         weight = first.weight[:, :, 0, 0]  # (hidden, in)

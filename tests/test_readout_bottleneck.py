@@ -103,9 +103,9 @@ def test_first_layer_before_the_resize_gives_the_alpha_of_the_stacked_features()
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.normal_(layer.weight)  # the zero-initialised last layer would hide everything
     features = [x.double() for x in features]
-    stacked = net(stack_readout_features(features, stats, (8, 8)))
-    direct = net.from_taps(features, stats, (8, 8))
+    stacked = net.stacked(stack_readout_features(features, stats, (8, 8)))
+    direct = net(features, stats, (8, 8))
     assert direct.shape == (2, 7, 8, 8) and stacked.abs().max() > 1
     torch.testing.assert_close(direct, stacked, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="the taps have 12 channels, the readout net reads 18"):
-        net.from_taps(features[:-1], stats[:-1], (8, 8))
+        net(features[:-1], stats[:-1], (8, 8))
