@@ -83,29 +83,41 @@ def test_a_bad_target_is_refused_though_the_heatmap_does_not_use_it(readout, tar
     assert readout(torch.rand(2, 3, 64, 64), torch.tensor([0, 5])).shape == (2, 64, 64)
 
 
-def test_first_layer_before_the_resize_gives_the_alpha_of_the_stacked_features():
+ALL_KINDS = [(3, 16, 16), (4, 8, 8), (5, 3, 5), (6,)]
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [ALL_KINDS, [(4, 8, 8)], [(6,), (12,)]],
+    ids=["larger-equal-smaller-vector", "one-map", "vectors-only"],
+)
+def test_first_layer_before_the_resize_gives_the_alpha_of_the_stacked_features(shapes):
     # The first 1x1 convolution commutes with the bilinear resize and the broadcast (all linear):
-    # maps larger than, equal to and smaller than the bottleneck's 8x8, and logits.
+    # maps larger than, equal to and smaller than the bottleneck's 8x8, and logits; the values and
+    # the gradients of the net's weights (the forward sums in place and in channels_last).
     torch.manual_seed(3)
-    features = [
-        torch.randn(2, 3, 16, 16),
-        torch.randn(2, 4, 8, 8),
-        torch.randn(2, 5, 3, 5),
-        torch.randn(2, 6),
-    ]
+    features = [torch.randn(2, *shape) for shape in shapes]
     stats = []
     for x in features:
         s = FeatureStatistics(tuple(x.shape[1:]))
         s.update(torch.randn(10, *x.shape[1:]) * 2 + 1)
         stats.append(s)
-    net = ReadoutNet(in_channels=18, out_channels=7).double()
+    channels = sum(shape[0] for shape in shapes)
+    net = ReadoutNet(in_channels=channels, out_channels=7).double()
     for layer in net.layers:
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.normal_(layer.weight)  # the zero-initialised last layer would hide everything
     features = [x.double() for x in features]
     stacked = net.stacked(stack_readout_features(features, stats, (8, 8)))
+    stacked_grads = torch.autograd.grad(stacked.square().sum(), list(net.parameters()))
     direct = net(features, stats, (8, 8))
+    direct_grads = torch.autograd.grad(direct.square().sum(), list(net.parameters()))
     assert direct.shape == (2, 7, 8, 8) and stacked.abs().max() > 1
     torch.testing.assert_close(direct, stacked, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="the taps have 12 channels, the readout net reads 18"):
+    for got, expected in zip(direct_grads, stacked_grads, strict=True):
+        assert expected.abs().max() > 0
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    missing = channels - shapes[-1][0]
+    message = f"the taps have {missing} channels, the readout net reads {channels}"
+    with pytest.raises(ValueError, match=message):
         net(features[:-1], stats[:-1], (8, 8))
