@@ -145,13 +145,14 @@ def readout_module(
     """The product's module for classifier ``name`` (random init) at ``size`` px (default: the
     classifier's), on ``device``, attached to a :func:`bare_trainer`, and a batch of random images
     (:func:`bench_batch`) on which its μ/σ were estimated."""
-    module = ReadoutModule(classifier=name, weights=None, input_size=size, heatmap_every_n_steps=0)
+    module = ReadoutModule(
+        classifier=name, weights=None, input_size=size, heatmap_every_n_steps=0, channels_last=channels_last
+    )
     module.to(device)
     side = module.attributor.classifier.input_size
     images = torch.rand(batch_size, 3, side, side, device=device)
     module.attributor.estimate([images], progress=False)
     if channels_last:
-        module.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     module.trainer = bare_trainer()  # type: ignore[assignment]
     return module, bench_batch(images)

@@ -64,8 +64,9 @@ class ReadoutModule(pl.LightningModule):
         noise_seed: seed of the per-sample noise.
         nonfinite: what a NaN or Inf loss or gradient does: stop the run (the last checkpoint stays),
             or skip the batch without an optimiser step and count it (``train/nonfinite_skipped``).
-        channels_last: keep the frozen classifier, the readout net and the images in channels_last
-            memory format (faster convolutions on GPUs with tensor cores; the same loss up to rounding).
+        channels_last: keep the frozen classifier and the images in channels_last memory format
+            (faster convolutions on GPUs with tensor cores; the same loss up to rounding). The readout
+            net runs in channels_last either way.
     """
 
     def __init__(
@@ -107,8 +108,8 @@ class ReadoutModule(pl.LightningModule):
         self.fingerprint = classifier_fingerprint(network)
         if channels_last:
             # Lightning's later move to the device keeps the layout (preserve_format); so does Adam's state.
+            # The readout net keeps its 1x1 weights contiguous and runs channels_last inside, always.
             self.attributor.classifier.to(memory_format=torch.channels_last)
-            self.attributor.net.to(memory_format=torch.channels_last)
         classes = network.num_classes
         self.accuracy = MulticlassAccuracy(classes, average="micro")
         self.accuracy_bottleneck = MulticlassAccuracy(classes, average="micro")

@@ -82,7 +82,14 @@ class ReadoutNet(nn.Module):
             raise ValueError(f"the taps have {offset} channels, the readout net reads {weight.shape[1]}")
         hidden = vectors[:, :, None, None]
         hidden = hidden.expand(-1, -1, *size) if total is None else total.add_(hidden)
-        return self.layers[1:](hidden)
+        for layer in self.layers[1:]:
+            if isinstance(layer, nn.Conv2d):
+                # the weight as a view: its gradient then comes back in the parameter's own (contiguous)
+                # strides, not the channels_last ones of the input, which DDP's gradient buckets expect
+                hidden = F.conv2d(hidden, layer.weight.flatten(1)[:, :, None, None], layer.bias)
+            else:
+                hidden = layer(hidden)
+        return hidden
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

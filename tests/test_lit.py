@@ -204,6 +204,20 @@ def test_channels_last_gives_the_loss_of_the_default_layout():
     assert module.fingerprint == plain.fingerprint  # the layout is not part of the classifier's identity
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_readout_gradients_have_the_strides_of_their_parameters(channels_last):
+    # DDP's gradient buckets are views with each parameter's strides; a gradient with other strides
+    # (a channels_last one of a 1x1 weight, say) is copied at every step with a warning. oneDNN returns
+    # such gradients for channels_last inputs when it runs on more than one thread.
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    module = tiny_module(beta=10.0, lr=1e-2, channels_last=channels_last)
+    nn.init.normal_(module.attributor.net.layers[-1].weight, std=0.1)
+    module.shared_step(tiny_batch(2))["loss"].backward()
+    for name, parameter in module.attributor.net.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().max() > 0, name
+        assert parameter.grad.stride() == parameter.stride(), name
+
+
 # ------------------------------------------------------------------------------------------------------
 # Layer rules
 
