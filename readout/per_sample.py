@@ -110,7 +110,8 @@ class PerSample(BottleneckAttributor):
         so that other implementations can be compared on the same noise. ``suffix``: the layers after
         the bottleneck to run (default :meth:`fitting_suffix`).
         """
-        suffix = suffix or self.fitting_suffix()
+        if suffix is None:  # not `or`: an nn.Sequential is falsy when empty (it has a __len__)
+            suffix = self.fitting_suffix()
         alpha = torch.full_like(features, self.init_alpha, requires_grad=True)
         optimiser = torch.optim.Adam([alpha], lr=self.lr)
         for step in range(self.steps):
