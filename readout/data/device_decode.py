@@ -38,11 +38,7 @@ def raw_jpeg(raw: dict[str, Any]) -> RawJpeg:
     """
     label, size = check_sample(raw)
     if "jpg" not in raw:  # then a png: check_sample found an image
-        raise ValueError(
-            f"data.decode='device' needs JPEG shards, but sample {raw.get('__key__', '?')!r} of "
-            f"{raw.get('__url__', '?')} holds png (the synthetic set is stored as PNG): use "
-            "data.decode='cpu', or shards written by readout.data.imagenet"
-        )
+        raise not_jpeg(raw.get("__key__", "?"), raw.get("__url__", "?"), "png")
     return RawJpeg(raw["__key__"], raw["jpg"], label, size)
 
 
@@ -56,11 +52,16 @@ def check_jpeg_shards(shards: ShardSpec) -> None:
             if suffix in ("jpg", "png"):
                 break
     if suffix != "jpg":
-        raise ValueError(
-            f"data.decode='device' needs JPEG shards, but sample {key!r} of {url} holds {suffix} "
-            "(the synthetic set is stored as PNG): use data.decode='cpu', or shards written by "
-            "readout.data.imagenet"
-        )
+        raise not_jpeg(key, url, suffix)
+
+
+def not_jpeg(key: str, url: str, holds: str) -> ValueError:
+    """The error for a sample that device decode cannot read: it holds ``holds``, not a JPEG."""
+    return ValueError(
+        f"data.decode='device' needs JPEG shards, but sample {key!r} of {url} holds {holds} "
+        "(the synthetic set is stored as PNG): use data.decode='cpu', or shards written by "
+        "readout.data.imagenet"
+    )
 
 
 class DeviceTrainTransform:
