@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from readout.backbones import Classifier, tap_info
 from readout.bottleneck import FeatureStatistics, InformationBottleneck
+from readout.classifier import Classifier
+from readout.split import Split
 
 #: How far outside [0, 1] image values may lie (rounding of resizes and dtype casts).
 RANGE_TOLERANCE = 1e-5
@@ -97,21 +98,28 @@ class BottleneckAttributor(nn.Module):
         super().__init__()
         self.classifier = classifier
         self.layer = layer
-        (info,) = tap_info(classifier, [layer])
+        (info,) = classifier.tap_info([layer])
+        if not info.spatial or info.path == "":
+            raise ValueError(
+                f"layer {layer!r} of {classifier.name!r} cannot hold the bottleneck: it needs a (B, C, h, w) "
+                f"map strictly before the logits, and {layer!r} gives (B, {info.channels})"
+            )
         self.shape = (info.channels, info.height, info.width)
         self.bottleneck = InformationBottleneck(
             FeatureStatistics(self.shape, min_std, active_threshold), sigma
         )
 
-    # Slices are made on demand, not stored as submodules: the classifier's weights stay registered
+    # The split is made on demand, not stored as a submodule: the classifier's weights stay registered
     # once (under ``classifier.``), so state dicts and checkpoints do not hold three copies.
     @property
-    def prefix(self) -> nn.Sequential:
-        return self.classifier.prefix(self.layer)
+    def split(self) -> Split:
+        """The classifier cut at ``layer`` (traced, or the hook path; see :mod:`readout.split`)."""
+        return self.classifier.split(self.layer)
 
-    @property
-    def suffix(self) -> nn.Sequential:
-        return self.classifier.suffix(self.layer)
+    def logits_after(self, z: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Logits with ``z`` (N, C, h, w) at the bottleneck for ``images`` (B, 3, H, W) in [0, 1],
+        N a multiple of B (each image's rows together)."""
+        return self.split.logits(z, self.classifier.normalize(images))
 
     @property
     def statistics(self) -> FeatureStatistics:
@@ -150,7 +158,7 @@ class BottleneckAttributor(nn.Module):
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """R = the clean activation at the bottleneck, (B, C, h, w)."""
-        return self.prefix(self.classifier.normalize(images))
+        return self.split.features(self.classifier.normalize(images))
 
     @torch.no_grad()
     def estimate(

@@ -37,6 +37,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from readout.backbones import load_classifier
+from readout.classifier import Classifier
 from readout.lit import ReadoutModule
 from readout.per_sample import PerSample
 from readout.reference import straightforward_heatmaps
@@ -100,6 +101,18 @@ def bench_per_sample(args: argparse.Namespace) -> list[dict]:
             images = torch.rand(batch, 3, size, size, device=device)
             attributor.estimate([torch.rand(8, 3, size, size, device=device)], progress=False)
             own.load_state_dict(attributor.state_dict())
+            hooked_classifier = Classifier(
+                classifier.model,
+                classifier.mean.flatten().tolist(),
+                classifier.std.flatten().tolist(),
+                size,
+                classifier.classes,
+                name=classifier.name,
+                aliases=classifier.aliases,
+                split="hook",
+            ).to(device)
+            hooked = PerSample(hooked_classifier, attributor.layer, steps=args.steps, copies=args.copies)
+            hooked.load_state_dict(attributor.state_dict())
             target = torch.zeros(batch, dtype=torch.long, device=device)
             noise = torch.randn(args.steps, batch, args.copies, *attributor.shape, device=device)
             rates = compare(
@@ -107,6 +120,9 @@ def bench_per_sample(args: argparse.Namespace) -> list[dict]:
                     "batched + cached": partial(attributor.explain, images, target, noise=noise),
                     "batched + cached, batch norm not folded": partial(
                         own.explain, images, target, noise=noise
+                    ),
+                    "batched, hook path (full model per step)": partial(
+                        hooked.explain, images, target, noise=noise
                     ),
                     "straightforward (one image, full model)": partial(
                         straightforward_heatmaps, attributor, images, target, noise
@@ -221,7 +237,7 @@ def with_two_full_passes(module: ReadoutModule) -> ReadoutModule:
     def two_passes(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         logits, _, readout = first_pass(images)
         with torch.no_grad():
-            features = attributor.prefix(attributor.classifier.normalize(images))
+            features = attributor.features(images)
         return logits, features, readout
 
     attributor.first_pass = two_passes  # type: ignore[method-assign]
@@ -229,12 +245,13 @@ def with_two_full_passes(module: ReadoutModule) -> ReadoutModule:
 
 
 def with_compiled_suffix(module: ReadoutModule) -> ReadoutModule:
-    """A copy of ``module`` whose classifier stages after the bottleneck are ``torch.compile``d (they run
-    in the first pass too, where they also help)."""
+    """A copy of ``module`` whose layers after the bottleneck (the traced suffix of its split) are
+    ``torch.compile``d."""
     copy = attached_copy(module)
-    classifier = copy.attributor.classifier
-    for index in range(classifier.tap_index(copy.attributor.layer) + 1, len(classifier.stages)):
-        classifier.stages[index] = cast(torch.nn.Module, torch.compile(classifier.stages[index]))
+    split = copy.attributor.split
+    if split.suffix is None:
+        raise ValueError("the classifier is not split at the bottleneck (hook path): nothing to compile")
+    split.suffix = cast(torch.nn.Module, torch.compile(split.suffix))
     return copy
 
 

@@ -38,7 +38,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from readout.attributor import BottleneckAttributor, Explanation  # noqa: E402
-from readout.backbones import Classifier, load_classifier  # noqa: E402
+from readout.backbones import load_classifier  # noqa: E402
+from readout.classifier import Classifier  # noqa: E402
 from readout.data.synthetic import synthetic_batch  # noqa: E402
 from readout.metrics.localisation import LOCALISATION_SCORES, localisation_scores  # noqa: E402
 from readout.per_sample import PerSample  # noqa: E402

@@ -48,7 +48,8 @@ from torch import nn
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
-from readout.backbones import Classifier, folded_copy, load_classifier
+from readout.backbones import load_classifier
+from readout.classifier import Classifier
 from readout.data.shards import ShardList, make_loader, resolve_shards
 from readout.data.transforms import eval_transform
 from readout.explain import DEFAULT_CACHE
@@ -80,6 +81,7 @@ from readout.metrics import (
 from readout.metrics.chunks import logits_of
 from readout.metrics.randomisation import cascading_randomisation
 from readout.metrics.tiles import Baseline
+from readout.split import folded_copy
 
 #: Bump when the meaning of cached states changes: older cache files are then ignored.
 CACHE_VERSION = 2
@@ -106,11 +108,21 @@ class ClassifierConfig:
     """The classifier explained (see :func:`readout.backbones.load_classifier`)."""
 
     name: str = "synthetic-cnn"
-    """Registry name (``synthetic-cnn``, ``resnet50``, ``vgg16``) or a saved classifier's path."""
+    """``synthetic-cnn``, any torchvision classification model (``resnet18``), your own as an import
+    path ``package.module:callable`` (this config is your call: it is imported), or a saved
+    classifier's path."""
     weights: str | None = "IMAGENET1K_V1"
-    """torchvision weight entry of registry models (must be in the torch hub cache); null: random init."""
+    """torchvision weight entry of torchvision models (must be in the torch hub cache); null: random init."""
     weights_path: str | None = None
-    """A torchvision state dict file to load instead of the hub cache."""
+    """A local weights file (safetensors or a state dict) to load instead of the hub cache."""
+    input_size: int | None = None
+    """The classifier's input side (default: its name's; 224 for a model of your own)."""
+    normalisation: dict[str, list[float]] | None = None
+    """``{mean: [3], std: [3]}`` (default: its name's, else ImageNet's)."""
+    classes: int | list[str] | None = None
+    """Class names or their number (default: its name's, else 1000)."""
+    allow_import: bool = False
+    """Rebuild a saved classifier whose file names an import path (runs that code: trust the file)."""
 
 
 @dataclass
@@ -149,6 +161,8 @@ class StatisticsConfig:
     """Shards of the classifier's training data; null: explain's synthetic images (synthetic-cnn)."""
     samples: int = 2000
     cache: str = str(DEFAULT_CACHE)
+    images: list[str] | None = None
+    """Image files or globs (a folder of the training images) instead of shards."""
 
 
 @dataclass
@@ -417,11 +431,22 @@ class Evaluation:
         self.device = torch.device(config.device)
         self.out = Path(config.out)
         spec = config.classifier
-        self.classifier = load_classifier(spec.name, weights=spec.weights, weights_path=spec.weights_path)
+        self.classifier = load_classifier(
+            spec.name,
+            weights=spec.weights,
+            weights_path=spec.weights_path,
+            input_size=spec.input_size,
+            normalisation=spec.normalisation,
+            classes=spec.classes,
+            allow_import=spec.allow_import,
+        )
         self.classifier.to(self.device)
         self.fingerprint = classifier_fingerprint(self.classifier)
         self.context = MethodContext(
-            config.statistics.shards, config.statistics.samples, config.statistics.cache
+            config.statistics.shards,
+            config.statistics.samples,
+            config.statistics.cache,
+            config.statistics.images,
         )
         self.shards: ShardList = resolve_shards(config.data.shards)
         self.transform = eval_transform(config.data.resize, config.data.crop)

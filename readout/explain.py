@@ -3,6 +3,8 @@
     python -m readout.explain --method per-sample --classifier synthetic-cnn --images 'imgs/*.png' --out out/
     python -m readout.explain --method readout --checkpoint checkpoints/readout-demo --images a.jpg --out out/
     python -m readout.explain --method relevance-per-sample --images a.jpg --out out/   (signed, pixel-sharp)
+    python -m readout.explain --classifier resnet18 --weights-path my-resnet18.pth --classes 6 \
+        --estimate-images 'train/**/*.jpg' --images a.jpg --out out/          (your own classifier)
 
 For each image: ``<stem>.npy`` (float32 H×W, bits per pixel), ``<stem>.png`` (the image with the
 heatmap over it and a colour bar), and one ``summary.json`` for the run (target, probability
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from readout.attributor import BottleneckAttributor
 from readout.backbones import load_classifier
+from readout.classifier import Classifier
 from readout.export import classifier_fingerprint, load
 from readout.images import BadImage, expand_images, load_image
 from readout.lrp import CANONIZERS, COMPOSITES
@@ -39,7 +42,20 @@ DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
 
 
 def estimate_batches(args: argparse.Namespace, architecture: str, size: int) -> Iterator[torch.Tensor]:
-    """Images for μ/σ: from ``--estimate-shards``, or the synthetic set for the synthetic classifier."""
+    """Images for μ/σ: from ``--estimate-shards``, ``--estimate-images`` (files or globs; files that are
+    not images are skipped with a message), or the synthetic set for the synthetic classifier."""
+    if args.estimate_images:
+        files = expand_images(args.estimate_images)[: args.estimate_samples]
+        for start in range(0, len(files), 32):
+            images = []
+            for file in files[start : start + 32]:
+                try:
+                    images.append(load_image(file, size))
+                except BadImage as error:
+                    print(f"skipped for μ/σ: {error}", file=sys.stderr)
+            if images:
+                yield torch.stack(images)
+        return
     if args.estimate_shards:
         from readout.data.shards import make_loader
         from readout.data.transforms import eval_transform
@@ -52,7 +68,7 @@ def estimate_batches(args: argparse.Namespace, architecture: str, size: int) -> 
     if architecture != "synthetic-cnn":
         raise SystemExit(
             f"error: the per-sample bottleneck needs μ/σ over data for {args.classifier!r}: "
-            f"pass --estimate-shards with shards of its training data (e.g. ImageNet train shards)"
+            f"pass --estimate-images (a folder glob of its training images) or --estimate-shards"
         )
     from readout.data.synthetic import synthetic_batch
 
@@ -63,7 +79,7 @@ def estimate_batches(args: argparse.Namespace, architecture: str, size: int) -> 
 
 def with_cached_statistics(attributor: BottleneckAttributor, args: argparse.Namespace) -> None:
     """Loads the attributor's statistics from the cache, or estimates and stores them."""
-    source = args.estimate_shards or "synthetic:777"
+    source = "|".join(args.estimate_images or []) or args.estimate_shards or "synthetic:777"
     key = "|".join(
         [classifier_fingerprint(attributor.classifier), attributor.layer, source, str(args.estimate_samples)]
     )
@@ -81,7 +97,7 @@ def with_cached_statistics(attributor: BottleneckAttributor, args: argparse.Name
 
 def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
     # On the device before estimating: μ/σ over thousands of images should not run on the CPU.
-    classifier = load_classifier(args.classifier, weights=args.weights).to(args.device)
+    classifier = classifier_of(args).to(args.device)
     attributor = PerSample(
         classifier, layer=args.layer, beta=args.beta, steps=args.steps, copies=args.copies, seed=args.seed
     )
@@ -89,10 +105,31 @@ def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
     return attributor
 
 
+def classifier_of(args: argparse.Namespace) -> Classifier:
+    """The classifier the arguments name (see :func:`readout.backbones.load_classifier`)."""
+    normalisation = None
+    if args.mean or args.std:
+        if not (args.mean and args.std):
+            raise SystemExit("error: --mean and --std go together (three values each)")
+        normalisation = {"mean": args.mean, "std": args.std}
+    classes: int | list[str] | None = None
+    if args.classes:
+        classes = int(args.classes) if args.classes.isdigit() else args.classes.split(",")
+    return load_classifier(
+        args.classifier,
+        weights=None if args.weights == "none" else args.weights,
+        weights_path=args.weights_path,
+        input_size=args.input_size,
+        normalisation=normalisation,
+        classes=classes,
+        allow_import=args.allow_import,
+    )
+
+
 def readout(args: argparse.Namespace) -> BottleneckAttributor:
     if not args.checkpoint:
         raise SystemExit("error: --method readout needs --checkpoint DIR (a bundle written by readout.fit)")
-    return load(args.checkpoint, device=args.device)
+    return load(args.checkpoint, device=args.device, allow_import=args.allow_import)
 
 
 def relevance_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -138,10 +175,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m readout.explain", description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=sorted(METHODS), default="per-sample")
     parser.add_argument(
-        "--classifier", default="synthetic-cnn", help="registry name or saved classifier path"
+        "--classifier",
+        default="synthetic-cnn",
+        help="synthetic-cnn, a torchvision model name, package.module:callable, or a saved classifier path",
     )
     parser.add_argument(
-        "--weights", default="IMAGENET1K_V1", help="torchvision weights of registry classifiers"
+        "--weights", default="IMAGENET1K_V1", help="torchvision weights entry ('none': random init)"
+    )
+    parser.add_argument("--weights-path", help="a local weights file (safetensors or state dict)")
+    parser.add_argument("--input-size", type=int, help="the classifier's input side (default: its name's)")
+    parser.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: its name's)")
+    parser.add_argument("--std", type=float, nargs=3, help="normalisation std (default: its name's)")
+    parser.add_argument("--classes", help="the number of classes, or their names separated by commas")
+    parser.add_argument(
+        "--allow-import",
+        action="store_true",
+        help="rebuild a classifier that a saved file or bundle names by import path (runs that code)",
     )
     parser.add_argument("--checkpoint", help="readout bundle directory or URL (readout methods)")
     parser.add_argument("--images", nargs="+", required=True, help="image files or globs")
@@ -154,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--estimate-shards", help="shards whose images give μ/σ (per-sample)")
+    parser.add_argument(
+        "--estimate-images", nargs="+", help="image files or globs whose images give μ/σ (per-sample)"
+    )
     parser.add_argument("--estimate-samples", type=int, default=2000)
     parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where estimated μ/σ are kept")
     parser.add_argument(
@@ -205,7 +257,11 @@ def write_outputs(
     np.save(out / f"{stem}.npy", heatmap.numpy().astype(np.float32))
     target = int(explanation.target[index])
     total = float(explanation.total_bits[index])
-    title = f"{stem}: class {classes[target] if target < len(classes) else target}, {total:.1f} bits"
+    label = classes[target] if target < len(classes) else target
+    # What the picture holds: the map's own sum (a relevance map may lose or gain some of the bits).
+    title = f"{stem}: class {label}, map sums to {float(heatmap.sum()):.1f} bits"
+    if signed:
+        title += f" ({total:.1f} passed the bottleneck)"
     save_heatmap_png(out / f"{stem}.png", image, heatmap, title, symmetric=signed)
     record = {
         "target": target,

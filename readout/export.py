@@ -3,8 +3,12 @@
 A bundle is a directory (local or any fsspec URL) with two files:
 - ``readout.safetensors``: the readout net's weights and every estimator statistics (no classifier
   weights: the classifier comes from the registry and is checked against a fingerprint);
-- ``readout.json``: the configuration (classifier, its fingerprint, bottleneck layer, taps, β, σ_s,
-  normalisation, input size) and the format version.
+- ``readout.json``: the configuration (how to rebuild the classifier, its fingerprint, bottleneck
+  layer, taps and their module paths, β, σ_s, normalisation, input size) and the format version.
+
+A classifier of your own that the bundle records as an import path is rebuilt from it only with
+``load(..., allow_import=True)``; otherwise pass the module (``load(bundle, classifier=model)``), which
+is checked against the fingerprint. Loading a bundle never imports code the bundle names.
 
 ``python -m readout.export CKPT --out DIR`` writes one from a ``readout.fit`` checkpoint.
 """
@@ -22,8 +26,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
-from readout.backbones import Classifier, load_classifier
+from readout.backbones import is_import_path, load_classifier
+from readout.classifier import Classifier
 from readout.readout_bottleneck import ReadoutBottleneck
 
 FORMAT = "readout-bundle/1"
@@ -31,10 +37,14 @@ WEIGHTS_FILE = "readout.safetensors"
 CONFIG_FILE = "readout.json"
 
 
-def classifier_fingerprint(classifier: Classifier) -> str:
-    """A short hash of the classifier's architecture and weights, to refuse a bundle of another one."""
-    digest = hashlib.sha256(classifier.name.encode())
-    for key, value in classifier.stages.state_dict().items():
+def classifier_fingerprint(classifier: Classifier | nn.Module) -> str:
+    """A short hash of the model's state (names, shapes and values), to refuse a bundle of another one.
+
+    The name is left out: a module passed in by the user matches the registry's with the same weights.
+    """
+    model = classifier.model if isinstance(classifier, Classifier) else classifier
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -62,9 +72,15 @@ def export_bundle(
             "input_size": net.input_size,
             "normalisation": {"mean": net.mean.flatten().tolist(), "std": net.std.flatten().tolist()},
             "num_classes": net.num_classes,
+            "classes": net.classes,
+            "source": net.source,
         },
         "layer": attributor.layer,
         "taps": attributor.taps,
+        "paths": {
+            "layer": net.resolve(attributor.layer),
+            "taps": [net.resolve(tap) for tap in attributor.taps],
+        },
         "beta": beta,
         "sigma": attributor.bottleneck.sigma,
         "min_std": attributor.statistics.min_std,
@@ -107,21 +123,40 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load(
-    path: str | Path, classifier: Classifier | None = None, device: str | torch.device = "cpu"
+    path: str | Path,
+    classifier: Classifier | nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    allow_import: bool = False,
 ) -> ReadoutBottleneck:
     """Loads a bundle (local directory or fsspec URL) as a ready attributor; imports no Lightning.
 
-    ``classifier`` may be given to reuse one already in memory; it must be the one the readout was
-    trained on (same fingerprint), else the bundle is refused with a clear error.
+    ``classifier``: the classifier the readout was trained on, as a :class:`Classifier` or a plain
+    module (wrapped with the bundle's normalisation, input size and classes); it must have the same
+    weights (fingerprint), else the bundle is refused. Without it the classifier is rebuilt from the
+    bundle's record: a registry name, or an import path only with ``allow_import=True``.
     """
     url = str(path)
     config = read_config(url)
     spec = config["classifier"]
+    paths = config.get("paths", {})
+    names = dict(
+        zip([config["layer"], *config["taps"]], [paths.get("layer"), *paths.get("taps", [])], strict=False)
+    )
     if classifier is None:
-        classifier = load_classifier(
-            spec["name"], weights=spec.get("weights"), weights_path=spec.get("weights_path")
-        )
+        classifier = _rebuild(spec, url, allow_import)
         classifier.input_size = spec["input_size"]
+    elif not isinstance(classifier, Classifier):
+        norm = spec["normalisation"]
+        classifier = Classifier(
+            classifier,
+            mean=norm["mean"],
+            std=norm["std"],
+            input_size=spec["input_size"],
+            classes=spec.get("classes", spec["num_classes"]),
+            name=spec.get("name", "custom"),
+            aliases={name: p for name, p in names.items() if p is not None and name != p},
+            source=spec.get("source"),
+        )
     found = classifier_fingerprint(classifier)
     if found != spec["fingerprint"]:
         raise ValueError(
@@ -150,7 +185,27 @@ def load(
     return attributor.to(device).eval()
 
 
-def export_checkpoint(checkpoint: str, out: str) -> str:
+def _rebuild(spec: dict[str, Any], url: str, allow_import: bool) -> Classifier:
+    """The bundle's classifier from its record (see :func:`readout.backbones.load_classifier`)."""
+    source = spec.get("source") or {}
+    if "import" in source and not allow_import:
+        raise ValueError(
+            f"the bundle {url} names the import path {source['import']!r} for its classifier; readout "
+            "never imports code named in a file: pass classifier=your_module, or allow_import=True "
+            "(--allow-import) if you trust the bundle"
+        )
+    return load_classifier(
+        source.get("import", spec["name"]),
+        weights=spec.get("weights"),
+        weights_path=spec.get("weights_path"),
+        input_size=spec["input_size"],
+        normalisation=spec["normalisation"],
+        classes=spec.get("classes", spec["num_classes"]),
+        kwargs=source.get("kwargs"),
+    )
+
+
+def export_checkpoint(checkpoint: str, out: str, allow_import: bool = False) -> str:
     """Exports a ``readout.fit`` checkpoint (checked whole, loaded with ``weights_only=True``) as a bundle."""
     from readout.checkpointing import read_checkpoint  # Lightning only for this path, never for load()
     from readout.lit import ReadoutModule
@@ -158,6 +213,12 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
     state = read_checkpoint(checkpoint)
     # LightningCLI adds its own keys (``_instantiator``, ``_class_path``) to the hyper-parameters.
     hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
+    named = str(hparams.get("classifier", ""))
+    if is_import_path(named) and not allow_import:
+        raise ValueError(
+            f"{checkpoint} names the import path {named!r} for its classifier; readout never imports "
+            "code named in a file: pass --allow-import if you trust the checkpoint"
+        )
     module = ReadoutModule(**hparams)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])
@@ -179,8 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m readout.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint written by readout.fit (local path or fsspec URL)")
     parser.add_argument("--out", required=True, help="directory of the bundle (local path or fsspec URL)")
+    parser.add_argument(
+        "--allow-import",
+        action="store_true",
+        help="rebuild a classifier the checkpoint names by import path (runs that code: trust the file)",
+    )
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.checkpoint, args.out))
+    print(export_checkpoint(args.checkpoint, args.out, args.allow_import))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from readout.backbones import Classifier, load_classifier, tap_info
+from readout.backbones import load_classifier
 from readout.bottleneck import LN2
 from readout.checkpointing import check_finite
+from readout.classifier import LOGITS, Classifier
 from readout.export import classifier_fingerprint
 from readout.plotting import heatmap_grid
 from readout.readout_bottleneck import ReadoutBottleneck
@@ -46,12 +47,20 @@ class ReadoutModule(pl.LightningModule):
     """The Readout Bottleneck as a LightningModule. Defaults are the paper's (Table 4).
 
     Args:
-        classifier: registry name or path of the frozen classifier (resnet50, vgg16, synthetic-cnn).
-        weights: torchvision weight entry for registry classifiers (null: random init, smoke tests only).
-        weights_path: a local file with the classifier's weights, instead of the torch hub cache.
+        classifier: the frozen classifier: ``synthetic-cnn``, any torchvision classification model by
+            name (resnet50, convnext_tiny, ...), your own as an import path ``package.module:callable``
+            (a callable returning the module), or the path of a saved classifier.
+        weights: torchvision weight entry for torchvision models (null: random init, smoke tests only).
+        weights_path: a local file with the classifier's weights (safetensors or a state dict), instead
+            of the torch hub cache.
         input_size: side of the training images (default: the classifier's, 224 for ImageNet models).
-        layer: the bottleneck's layer (default: the registry's, conv2_3 for resnet50).
-        taps: the readout's layers (default: the registry's).
+        normalisation: ``{mean: [3], std: [3]}`` of the classifier's input (default: the name's, else
+            ImageNet's).
+        classes: the classifier's class names or their number (default: the name's, else 1000).
+        classifier_kwargs: keyword arguments of an import-path callable.
+        layer: the bottleneck's layer, a module path or an alias (default: the classifier's, conv2_3
+            for resnet50, else the end of the stride-4 stage).
+        taps: the readout's layers (default: the classifier's).
         beta: β·k, the numerator of β = beta/k with k = h·w·c of the bottleneck.
         sigma: smoothing σ_s of λ.
         lr: Adam's learning rate for the readout net.
@@ -75,6 +84,9 @@ class ReadoutModule(pl.LightningModule):
         weights: str | None = "IMAGENET1K_V1",
         weights_path: str | None = None,
         input_size: int | None = None,
+        normalisation: dict[str, list[float]] | None = None,
+        classes: int | list[str] | None = None,
+        classifier_kwargs: dict[str, Any] | None = None,
         layer: str | None = None,
         taps: list[str] | None = None,
         beta: float = 10.0,
@@ -99,8 +111,16 @@ class ReadoutModule(pl.LightningModule):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters()
         try:
-            network = load_classifier(classifier, weights=weights, weights_path=weights_path)
-        except KeyError as error:
+            network = load_classifier(
+                classifier,
+                weights=weights,
+                weights_path=weights_path,
+                input_size=input_size,
+                normalisation=normalisation,
+                classes=classes,
+                kwargs=classifier_kwargs,
+            )
+        except (KeyError, ValueError) as error:
             raise ValueError(f"model.classifier: {error.args[0]}") from error
         network.input_size = input_size or network.input_size
         check_layers(network, layer, taps)
@@ -145,7 +165,7 @@ class ReadoutModule(pl.LightningModule):
         alpha = self.attributor.alpha(readout)
         noise = sample_noise(list(batch["key"]), self.global_step, features, self.hparams["noise_seed"])
         z, kl = self.attributor.bottleneck(features, alpha, noise)
-        logits_bottleneck = self.attributor.suffix(z)
+        logits_bottleneck = self.attributor.logits_after(z, images)
         ce = F.cross_entropy(logits_bottleneck, labels)
         information = kl.flatten(1).sum(1)
         loss = ce + self.hparams["beta"] / self.attributor.k * information.mean()
@@ -336,39 +356,48 @@ class ReadoutModule(pl.LightningModule):
 def check_layers(network: Classifier, layer: str | None, taps: list[str] | None) -> None:
     """Raises ValueError naming ``model.layer`` or ``model.taps`` and the valid choices.
 
-    The rules (None means the registry's default, which keeps them):
-    - ``model.taps``: at least one layer, each a layer of the classifier, none twice. Taps may lie
-      anywhere, before the bottleneck or after it, the classifier's output included: the paper's
-      resnet50 readout sits at conv2_3 and reads conv2_3, conv3_4, conv4_6, conv5_3 and the logits.
+    The rules (None means the classifier's default, which keeps them):
+    - ``model.taps``: at least one layer, each a layer of the classifier (a module path or an alias)
+      that runs once, none twice. Taps may lie anywhere, before the bottleneck or after it, the
+      classifier's output included: the paper's resnet50 readout sits at conv2_3 and reads conv2_3,
+      conv3_4, conv4_6, conv5_3 and the logits.
     - ``model.layer``: a layer of the classifier with a spatial (B, C, h, w) activation, strictly
       before the classifier's output (the layers after it score the noisy activation).
     """
-    names = list(network.taps)
+    names = network.layer_names()
     if taps is not None:
         if not taps:
             raise ValueError(
                 f"model.taps is empty: name at least one layer of {network.name!r} (null: the "
                 f"classifier's default); valid: {', '.join(names)}"
             )
-        unknown = [tap for tap in taps if tap not in network.taps]
+        unknown = [tap for tap in taps if not _is_layer(network, tap)]
         if unknown:
             raise ValueError(
-                f"model.taps {unknown} are not layers of {network.name!r}; valid: {', '.join(names)}"
+                f"model.taps {unknown} are not layers of {network.name!r}; valid: {', '.join(names)} "
+                "or any module path"
             )
         twice = sorted({tap for tap in taps if taps.count(tap) > 1}, key=taps.index)
         if twice:
             raise ValueError(f"model.taps lists {twice} more than once; each layer is read once")
+        network.tap_info(taps)  # a tap that runs twice, or gives no tensor, is refused by name
     if layer is None:
         return
-    output = max(names, key=network.taps.__getitem__)
-    known = {info.name: info for info in tap_info(network, names)}
-    valid = [name for name in names if known[name].spatial and name != output]
-    if layer not in valid:
-        why = (
-            "is the classifier's output: the bottleneck must lie strictly before it, with layers after it"
-            if layer == output
-            else "has no spatial activation (the bottleneck needs a (B, C, h, w) map)"
-            if layer in known
-            else f"is not a layer of {network.name!r}"
-        )
-        raise ValueError(f"model.layer {layer!r} {why}; valid: {', '.join(valid)}")
+    spatial = [name for name in names if name != LOGITS and network.tap_info([name])[0].spatial]
+    if not _is_layer(network, layer):
+        why = f"is not a layer of {network.name!r}"
+    elif network.tap_info([layer])[0].spatial:
+        return
+    elif network.tap_info([layer])[0].channels == network.num_classes:
+        why = "is the classifier's output: the bottleneck must lie strictly before it, with layers after it"
+    else:
+        why = "has no spatial activation (the bottleneck needs a (B, C, h, w) map)"
+    raise ValueError(f"model.layer {layer!r} {why}; valid: {', '.join(spatial)} or any module path")
+
+
+def _is_layer(network: Classifier, name: str) -> bool:
+    try:
+        network.resolve(name)
+    except KeyError:
+        return False
+    return True

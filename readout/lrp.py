@@ -1,13 +1,17 @@
 """Layer-wise relevance propagation through the layers before a tap: a thin layer over zennit.
 
-Relevance given at a module's output (any shape, any units) is propagated back to its input with a
-zennit composite; the input relevance sums to the output relevance when the rules conserve it.
+Relevance given at a layer's output (any shape, any units) is propagated back to the model's input
+with a zennit composite; the input relevance sums to the output relevance when the rules conserve it.
+The layer is any module of the model (``layer=``, a module path): the model runs up to it, and the
+relevance flows back from there.
 
 Two things make that hold here:
 
-- Canonizers (zennit's ``ResNetCanonizer``, ``VGGCanonizer``) merge batch norm into the preceding
-  convolution and turn a residual addition into a ``Sum`` module with its own rule. Without them the
-  gradient of ``out + identity`` hands the full relevance to both branches (doubling it per block).
+- Canonizers merge batch norm into the preceding convolution and turn a residual addition into a
+  ``Sum`` module with its own rule (zennit's ``ResNetCanonizer``, ``VGGCanonizer``; for any other
+  model ``auto``, chosen from the module types found: :func:`readout.canonizers.canonizers_for`).
+  Without them the gradient of ``out + identity`` hands the full relevance to both branches
+  (doubling it per block), and a gate ``s · x`` scales it by s.
 - Biases would absorb relevance (the batch-norm merge creates them). Every rule gets
   ``zero_params=["bias"]``: the redistribution ignores biases, while the forward pass, and so every
   activation and every dead unit, stays that of the real network.
@@ -21,6 +25,10 @@ moves each map's conservation by up to 0.6% (0.9940-1.0029 over 64 held-out imag
 float64; 1.1% with ``mask_dead``); every other layer, the stem's zero padding included, keeps it to
 3e-4. ``EpsilonPlusFlatZPlusFallback`` (:class:`ZPlusFallback`) passes that relevance along the
 negative contributions instead and conserves to 4e-4, with maps otherwise the same.
+
+Every composite also gives LayerNorm zennit's ``Pass`` (as batch norm without a convolution before
+it gets): the relevance passes it unchanged. A module that no rule handles (one that owns parameters
+and is no convolution, linear layer or normalisation, or an attention) is refused by name.
 
 The rules for the first layer (Flat, ZBox) go to the first linear module that zennit's own
 ``SpecialFirstLayerMapComposite`` meets in ``named_modules`` order (:func:`first_layer` says which).
@@ -36,7 +44,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from zennit.attribution import Gradient
 from zennit.canonizers import Canonizer
 from zennit.composites import (
     EpsilonAlpha2Beta1,
@@ -48,9 +55,11 @@ from zennit.composites import (
 )
 from zennit.core import BasicHook, Composite, Stabilizer
 from zennit.layer import Sum
-from zennit.rules import ClampMod, NoMod, zero_bias
+from zennit.rules import ClampMod, NoMod, Pass, zero_bias
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
+
+from readout.canonizers import PASS_TYPES, canonizers_for, unsupported_modules
 
 #: Parameters the rules treat as zero while redistributing relevance (never in the forward pass).
 ZERO_PARAMS = ["bias"]
@@ -118,42 +127,46 @@ class ZPlusFallback(BasicHook):
         )
 
 
-#: A composite from the input bounds (low, high: (1, 3, 1, 1), normalised units) and the canonizers.
-CompositeFactory = Callable[[torch.Tensor, torch.Tensor, list[Canonizer]], Composite]
+#: A composite from the input bounds (low, high: (1, 3, 1, 1), normalised units), the canonizers and the
+#: layer map put before the composite's own.
+CompositeFactory = Callable[[torch.Tensor, torch.Tensor, list[Canonizer], list], Composite]
 
 COMPOSITES: dict[str, CompositeFactory] = {
-    "EpsilonPlusFlat": lambda low, high, canonizers: EpsilonPlusFlat(
-        zero_params=ZERO_PARAMS, canonizers=canonizers
+    "EpsilonPlusFlat": lambda low, high, canonizers, extra: EpsilonPlusFlat(
+        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=extra
     ),
-    "EpsilonPlusFlatSumPlus": lambda low, high, canonizers: EpsilonPlusFlat(
-        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=[(Sum, SumPlus())]
+    "EpsilonPlusFlatSumPlus": lambda low, high, canonizers, extra: EpsilonPlusFlat(
+        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=[*extra, (Sum, SumPlus())]
     ),
-    "EpsilonPlusFlatZPlusFallback": lambda low, high, canonizers: EpsilonPlusFlat(
+    "EpsilonPlusFlatZPlusFallback": lambda low, high, canonizers, extra: EpsilonPlusFlat(
         zero_params=ZERO_PARAMS,
         canonizers=canonizers,
-        layer_map=[(Convolution, ZPlusFallback(zero_params=ZERO_PARAMS))],
+        layer_map=[*extra, (Convolution, ZPlusFallback(zero_params=ZERO_PARAMS))],
     ),
-    "EpsilonPlus": lambda low, high, canonizers: EpsilonPlus(zero_params=ZERO_PARAMS, canonizers=canonizers),
-    "EpsilonGammaBox": lambda low, high, canonizers: EpsilonGammaBox(
-        low=low, high=high, zero_params=ZERO_PARAMS, canonizers=canonizers
+    "EpsilonPlus": lambda low, high, canonizers, extra: EpsilonPlus(
+        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=extra
     ),
-    "EpsilonAlpha2Beta1": lambda low, high, canonizers: EpsilonAlpha2Beta1(
-        zero_params=ZERO_PARAMS, canonizers=canonizers
+    "EpsilonGammaBox": lambda low, high, canonizers, extra: EpsilonGammaBox(
+        low=low, high=high, zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=extra
     ),
-    "EpsilonAlpha2Beta1Flat": lambda low, high, canonizers: EpsilonAlpha2Beta1Flat(
-        zero_params=ZERO_PARAMS, canonizers=canonizers
+    "EpsilonAlpha2Beta1": lambda low, high, canonizers, extra: EpsilonAlpha2Beta1(
+        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=extra
+    ),
+    "EpsilonAlpha2Beta1Flat": lambda low, high, canonizers, extra: EpsilonAlpha2Beta1Flat(
+        zero_params=ZERO_PARAMS, canonizers=canonizers, layer_map=extra
     ),
 }
 """Composites by name (the config value); each rule ignores biases (``ZERO_PARAMS``). ``...SumPlus``:
 the residual sums get :class:`SumPlus` instead of zennit's ``Norm``; ``...ZPlusFallback``: the convolutions
 after the first get :class:`ZPlusFallback` instead of z+."""
 
-CANONIZERS: dict[str, Callable[[], list[Canonizer]]] = {
-    "resnet": lambda: [ResNetCanonizer()],
-    "vgg": lambda: [VGGCanonizer()],
-    "none": list,
+CANONIZERS: dict[str, Callable[[nn.Module], list[Canonizer]]] = {
+    "resnet": lambda model: [ResNetCanonizer()],
+    "vgg": lambda model: [VGGCanonizer()],
+    "auto": canonizers_for,
+    "none": lambda model: [],
 }
-"""Canonizers by name: fresh instances per call (zennit canonizers hold the state they undo)."""
+"""Canonizers by name, for a model: fresh instances per call (zennit canonizers hold the state they undo)."""
 
 
 @dataclass(frozen=True)
@@ -164,30 +177,35 @@ class LrpDefaults:
     canonizer: str
 
 
-#: Per classifier name (``Classifier.name``, the registry key of :mod:`readout.backbones`).
+#: Per classifier name (``Classifier.name``), where chosen by hand; every other model gets AUTO.
 DEFAULTS: dict[str, LrpDefaults] = {
     "resnet50": LrpDefaults("EpsilonPlusFlat", "resnet"),
     "synthetic-cnn": LrpDefaults("EpsilonPlusFlat", "resnet"),
     "vgg16": LrpDefaults("EpsilonPlusFlat", "vgg"),
 }
 
+#: Any other model: canonizers from its module types, and z+ with the fallback for the relevance z+
+#: would drop at units without positive contributions (which unrectified residual branches and the
+#: linear bottlenecks of inverted residuals have).
+AUTO = LrpDefaults("EpsilonPlusFlatZPlusFallback", "auto")
+
 
 def lrp_defaults(classifier_name: str) -> LrpDefaults:
-    if classifier_name not in DEFAULTS:
-        raise KeyError(
-            f"no LRP defaults for classifier {classifier_name!r} (known: {', '.join(DEFAULTS)}); "
-            "pass composite and canonizer explicitly"
-        )
-    return DEFAULTS[classifier_name]
+    """The hand-chosen defaults of a registry classifier, else :data:`AUTO`."""
+    return DEFAULTS.get(classifier_name, AUTO)
 
 
-def make_composite(name: str, canonizer: str, low: torch.Tensor, high: torch.Tensor) -> Composite:
-    """A fresh composite ``name`` with the canonizers ``canonizer``; unknown names list the valid ones."""
+def make_composite(
+    name: str, canonizer: str, low: torch.Tensor, high: torch.Tensor, model: nn.Module | None = None
+) -> Composite:
+    """A fresh composite ``name`` with the canonizers ``canonizer`` for ``model``; unknown names list
+    the valid ones."""
     if name not in COMPOSITES:
         raise KeyError(f"unknown composite {name!r}; registered: {', '.join(COMPOSITES)}")
     if canonizer not in CANONIZERS:
         raise KeyError(f"unknown canonizer {canonizer!r}; registered: {', '.join(CANONIZERS)}")
-    return COMPOSITES[name](low, high, CANONIZERS[canonizer]())
+    canonizers = CANONIZERS[canonizer](model if model is not None else nn.Identity())
+    return COMPOSITES[name](low, high, canonizers, [(PASS_TYPES, Pass())])
 
 
 def input_bounds(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,44 +237,77 @@ def _out_of_place(module: nn.Module) -> None:
             setattr(child, "inplace", False)  # noqa: B010 (the attribute is not declared on nn.Module)
 
 
+class _Stop(Exception):
+    """Ends the forward pass once the layer's output is known."""
+
+
 class RelevancePropagator(nn.Module):
     """``propagator(inputs, relevance) -> (output, input relevance)`` through a private copy of ``module``.
 
     inputs: what ``module`` takes (here the normalised images, (B, 3, H, W)); relevance: the relevance at
-    its output, shaped like the output (here (B, C, h, w)). The input relevance has the shape of
-    ``inputs``. The copy stays in eval mode and never requires gradients.
+    the output of the submodule ``layer`` (a module path; None: the module's own output), shaped like
+    that output (here (B, C, h, w)). The input relevance has the shape of ``inputs``. The copy stays in
+    eval mode and never requires gradients; the layers after ``layer`` do not run.
     """
 
     low: torch.Tensor
     high: torch.Tensor
 
     def __init__(
-        self, module: nn.Module, composite: str, canonizer: str, low: torch.Tensor, high: torch.Tensor
+        self,
+        module: nn.Module,
+        composite: str,
+        canonizer: str,
+        low: torch.Tensor,
+        high: torch.Tensor,
+        layer: str | None = None,
     ) -> None:
         super().__init__()
         make_composite(composite, canonizer, low, high)  # fail at construction on unknown names
         self.composite_name, self.canonizer_name = composite, canonizer
         self.module = copy.deepcopy(module)
+        self.layer = layer or ""
         _out_of_place(self.module)
         self.module.requires_grad_(False)
         self.register_buffer("low", low.detach().clone(), persistent=False)
         self.register_buffer("high", high.detach().clone(), persistent=False)
         super().train(False)
+        unsupported = unsupported_modules(self.module.named_modules())
+        if unsupported:
+            raise ValueError(
+                f"no LRP rule fits {', '.join(unsupported)}: Relevance-IBA propagates through "
+                "convolutions, linear layers, normalisations, activations, pooling and the residual "
+                "blocks of readout.canonizers"
+            )
 
     def train(self, mode: bool = True) -> RelevancePropagator:
         return super().train(False)
 
     def composite(self) -> Composite:
         """A fresh composite (zennit composites are registered to one module at a time)."""
-        return make_composite(self.composite_name, self.canonizer_name, self.low, self.high)
+        return make_composite(self.composite_name, self.canonizer_name, self.low, self.high, self.module)
 
     def first_layer(self) -> str | None:
         """Name of the module in ``self.module`` that gets the first-layer rule (see :func:`first_layer`)."""
         return first_layer(self.composite(), self.module)
 
     def forward(self, inputs: torch.Tensor, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.enable_grad():
-            output, input_relevance = Gradient(self.module, self.composite())(
-                inputs.detach().requires_grad_(True), relevance.detach()
-            )
+        inputs = inputs.detach().requires_grad_(True)
+        captured: list[torch.Tensor] = []
+
+        def capture(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured.append(output)
+            raise _Stop
+
+        with torch.enable_grad(), self.composite().context(self.module) as model:
+            # Registered after the composite's hooks, so the output captured is the one they wrap.
+            handle = model.get_submodule(self.layer).register_forward_hook(capture)
+            try:
+                model(inputs)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
+            (output,) = captured
+            (input_relevance,) = torch.autograd.grad(output, inputs, grad_outputs=relevance.detach())
         return output.detach(), input_relevance.detach()

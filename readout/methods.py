@@ -71,7 +71,7 @@ from captum.attr import (
 from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation
-from readout.backbones import Classifier, tap_info
+from readout.classifier import LOGITS, Classifier
 from readout.explain import DEFAULT_CACHE, with_cached_statistics
 from readout.export import load, readout_state
 from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
@@ -148,10 +148,12 @@ def resolve_target(classifier: nn.Module, images: torch.Tensor, target: torch.Te
 
 def last_spatial_tap(classifier: Classifier) -> str:
     """The deepest tap with a spatial output: the paper's Grad-CAM layer (the last convolutional one)."""
-    spatial = [info for info in tap_info(classifier, list(classifier.taps)) if info.spatial]
+    named = [name for name in classifier.layer_names() if name != LOGITS]
+    spatial = [info for info in classifier.tap_info(named) if info.spatial]
     if not spatial:
         raise ValueError(f"classifier {classifier.name!r} has no spatial tap for Grad-CAM")
-    return max(spatial, key=lambda info: info.index).name
+    runs = classifier.runs()
+    return max(spatial, key=lambda info: runs[info.path].finished).name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +192,8 @@ class MethodContext:
     """What the factories need beyond the classifier: where the Per-Sample μ/σ come from, and the
     bottleneck bases that rows of the same evaluation share.
 
-    ``statistics_shards``: shards whose images give μ/σ (the classifier's training data); None uses
+    ``statistics_shards`` or ``statistics_images`` (image files or globs): whose images give μ/σ (the
+    classifier's training data); neither uses
     :mod:`readout.explain`'s synthetic images (synthetic classifier only). Estimates are cached on
     disk under ``statistics_cache`` with explain's key, so the explain CLI and evaluations share them.
     ``share``: build each distinct bottleneck base once per classifier object. Turn it off for
@@ -200,6 +203,7 @@ class MethodContext:
     statistics_shards: str | None = None
     statistics_samples: int = 2000
     statistics_cache: str = str(DEFAULT_CACHE)
+    statistics_images: list[str] | None = None
     share: bool = True
     _bases: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _bundles: dict[str, ReadoutBottleneck] = field(default_factory=dict, repr=False)
@@ -210,6 +214,7 @@ class MethodContext:
             self.statistics_shards,
             self.statistics_samples,
             self.statistics_cache,
+            self.statistics_images,
             share=False,
             _bundles=self._bundles,
         )
@@ -230,6 +235,7 @@ class MethodContext:
         """Loads the attributor's μ/σ from explain's cache, or estimates and caches them."""
         args = SimpleNamespace(
             estimate_shards=self.statistics_shards,
+            estimate_images=self.statistics_images,
             estimate_samples=self.statistics_samples,
             cache=self.statistics_cache,
             classifier=attributor.classifier.name,
@@ -524,7 +530,7 @@ def lrp(
     defaults = lrp_defaults(classifier.name)
     low, high = input_bounds(classifier.mean, classifier.std)
     propagator = RelevancePropagator(
-        classifier.stages, composite or defaults.composite, canonizer or defaults.canonizer, low, high
+        classifier.model, composite or defaults.composite, canonizer or defaults.canonizer, low, high
     ).to(classifier.mean.device)
 
     def attribute(images: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:

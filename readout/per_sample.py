@@ -10,6 +10,7 @@ the bottleneck run as a frozen copy with batch norm folded into the convolutions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation
-from readout.backbones import Classifier, backbone_spec, folded_copy
 from readout.bottleneck import LN2, information_map
+from readout.classifier import Classifier
+from readout.split import folded_copy
 
 
 class PerSample(BottleneckAttributor):
@@ -26,9 +28,11 @@ class PerSample(BottleneckAttributor):
 
     Defaults are the paper's (Table 3): α initialised to 5, Adam with lr 1, 10 steps, 10 noise copies,
     β = ``beta``/k with ``beta`` = 10 and k = h·w·c, smoothing σ_s = 1. ``layer`` defaults to the
-    registry's per-sample layer (conv3_4 for resnet50, conv4_1 for vgg16). ``fuse``: run the layers
-    after the bottleneck as :func:`readout.backbones.folded_copy` (rebuilt when the classifier's
-    weights change in place or it moves); False runs the classifier's own modules.
+    classifier's default (``classifier.defaults``: conv3_4 for resnet50, conv4_1 for vgg16, the end
+    of the stride-8 stage for a model without registry defaults). ``fuse``: run the layers after the
+    bottleneck as :func:`readout.split.folded_copy` (rebuilt when the classifier's weights change in
+    place or it moves); False runs the classifier's own modules. Where the classifier cannot be
+    split at ``layer`` (:mod:`readout.split`), every step runs the whole classifier with a hook.
     """
 
     def __init__(
@@ -46,7 +50,7 @@ class PerSample(BottleneckAttributor):
         seed: int | None = None,
         fuse: bool = True,
     ) -> None:
-        layer = layer or backbone_spec(classifier.name).per_sample_layer
+        layer = layer or classifier.defaults.per_sample_layer
         super().__init__(classifier, layer, sigma, min_std, active_threshold)
         if beta <= 0:
             raise ValueError(f"beta must be > 0 (it is the numerator of β = beta/k), got {beta}")
@@ -72,9 +76,18 @@ class PerSample(BottleneckAttributor):
         """The noise generator on the classifier's current device (reseed it to repeat a fit's noise)."""
         return self.generator_for(self.classifier.mean.device)
 
-    def fitting_suffix(self) -> nn.Module:
-        """The layers after the bottleneck as a fit runs them (see ``fuse``): Z (N, C, h, w) -> logits."""
-        suffix = self.suffix
+    def fitting_suffix(self, x: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layers after the bottleneck as a fit runs them (see ``fuse``): Z (N, C, h, w) -> logits.
+
+        On the hook path the whole classifier runs on ``x`` (the normalised images, (B, 3, H, W)),
+        which must then be given.
+        """
+        split = self.split
+        suffix = split.suffix
+        if suffix is None:
+            if x is None:
+                raise ValueError("on the hook path the fit runs the whole classifier: pass the images")
+            return lambda z: split.logits(z, x)
         if not self.fuse:
             return suffix
         tensors = [*suffix.parameters(), *suffix.buffers()]
@@ -102,7 +115,7 @@ class PerSample(BottleneckAttributor):
         features: torch.Tensor,
         target: torch.Tensor,
         noise: torch.Tensor | None = None,
-        suffix: nn.Module | None = None,
+        suffix: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Optimises α for each image; returns the final α (B, C, h, w).
 
@@ -131,7 +144,7 @@ class PerSample(BottleneckAttributor):
     ) -> Explanation:
         self.check_images(images)
         features = self.features(images)
-        suffix = self.fitting_suffix()
+        suffix = self.fitting_suffix(self.classifier.normalize(images))
         with torch.no_grad():
             logits = suffix(features)
         target = self.resolve_target(logits, target)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation, checked_target
-from readout.backbones import Classifier, backbone_spec, tap_info
 from readout.bottleneck import LN2, FeatureStatistics, information_map
+from readout.classifier import Classifier
 from readout.readout_net import ReadoutNet
 from readout.taps import FeatureTaps
 
@@ -23,8 +23,10 @@ from readout.taps import FeatureTaps
 class ReadoutBottleneck(BottleneckAttributor):
     """``ReadoutBottleneck(classifier, layer, taps)(images, target=None) -> (B, H, W)`` bits per pixel.
 
-    ``layer`` and ``taps`` default to the paper's (Table 4): resnet50 at conv2_3 reading conv2_3,
-    conv3_4, conv4_6, conv5_3 and fc; vgg16 at conv3_1 reading conv3_1, conv4_1, conv5_1, conv5_3, fc.
+    ``layer`` and ``taps`` default to the classifier's (``classifier.defaults``): the paper's (Table 4)
+    for resnet50 (conv2_3, reading conv2_3, conv3_4, conv4_6, conv5_3 and fc) and vgg16 (conv3_1,
+    reading conv3_1, conv4_1, conv5_1, conv5_3, fc); for other models the end of the stride-4 stage,
+    reading the end of every stage and the logits (:func:`readout.classifier.default_layers`).
     The readout's statistics (one :class:`FeatureStatistics` per tap) are part of the state dict.
     """
 
@@ -38,11 +40,10 @@ class ReadoutBottleneck(BottleneckAttributor):
         active_threshold: float = 0.01,
         init_alpha: float = 5.0,
     ) -> None:
-        spec = backbone_spec(classifier.name)
-        layer = layer or spec.readout_layer
+        layer = layer or classifier.defaults.readout_layer
         super().__init__(classifier, layer, sigma, min_std, active_threshold)
-        self.taps = list(taps or spec.readout_taps)
-        infos = tap_info(classifier, self.taps)
+        self.taps = list(taps or classifier.defaults.readout_taps)
+        infos = classifier.tap_info(self.taps)
         shapes = [(i.channels, i.height, i.width) if i.spatial else (i.channels,) for i in infos]
         self.readout_statistics = nn.ModuleList(
             FeatureStatistics(s, min_std, active_threshold) for s in shapes
@@ -81,7 +82,7 @@ class ReadoutBottleneck(BottleneckAttributor):
         with torch.no_grad():
             alpha = self.alpha(readout)
             z, kl = self.bottleneck(features, alpha, torch.randn_like(features))
-            noisy = self.suffix(z).softmax(1)
+            noisy = self.logits_after(z, images).softmax(1)
             lam, _ = self.bottleneck.lambdas(alpha)
         return Explanation(
             heatmap=information_map(kl, tuple(images.shape[-2:])),

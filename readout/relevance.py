@@ -30,6 +30,7 @@ attributor and the images): there they agree to about 1e-9 of the map's largest 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +42,11 @@ from readout.attributor import BottleneckAttributor, Explanation
 from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
 
 Injection = Literal["information", "lambda-activation"]
+
+#: Below this share of the injected relevance reaching the pixels, a warning is logged (once).
+LOW_CONSERVATION = 0.95
+
+log = logging.getLogger(__name__)
 
 
 def inject_information(explanation: Explanation) -> torch.Tensor:
@@ -101,9 +107,10 @@ class RelevanceIBA(nn.Module):
 
     base: a bottleneck attributor (its ``classifier``, ``layer`` and ``explain`` are used).
     composite: a name in :data:`readout.lrp.COMPOSITES`, None for the classifier's default
-    (:data:`readout.lrp.DEFAULTS`); canonizer likewise, a name in :data:`readout.lrp.CANONIZERS`.
-    The layers before the bottleneck are copied once here: later changes to the classifier's weights
-    are not seen.
+    (:data:`readout.lrp.DEFAULTS` for the registry's, else :data:`readout.lrp.AUTO`: canonizers from
+    the module types found); canonizer likewise, a name in :data:`readout.lrp.CANONIZERS`.
+    The classifier is copied once here: later changes to its weights are not seen. A module without
+    an LRP rule is refused by name.
     """
 
     def __init__(
@@ -119,14 +126,17 @@ class RelevanceIBA(nn.Module):
             raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
         classifier = base.classifier
         if composite is None or canonizer is None:
-            defaults = lrp_defaults(classifier.name)
+            defaults = lrp_defaults(classifier.name)  # hand-chosen for the registry's, else AUTO
             composite = composite or defaults.composite
             canonizer = canonizer or defaults.canonizer
         self.base = base
+        self._warned = False  # the low-conservation warning is given once per attributor
         self.injection = injection
         self.mask_dead = mask_dead
         low, high = input_bounds(classifier.mean, classifier.std)
-        self.propagator = RelevancePropagator(classifier.prefix(base.layer), composite, canonizer, low, high)
+        self.propagator = RelevancePropagator(
+            classifier.model, composite, canonizer, low, high, layer=classifier.resolve(base.layer)
+        )
 
     def inject(self, explanation: Explanation) -> torch.Tensor:
         """(B, C, h, w) bits: the relevance put at the bottleneck for ``explanation``."""
@@ -148,11 +158,22 @@ class RelevanceIBA(nn.Module):
         injected = self.inject(base)
         relevance = self.propagate(images, injected)
         total = injected.sum(dim=(1, 2, 3))
+        conservation = relevance.sum(dim=(1, 2, 3)) / total
+        if not self._warned and bool((conservation < LOW_CONSERVATION).any()):
+            self._warned = True
+            log.warning(
+                "Relevance-IBA on %r at %r kept only %.3f of the injected relevance for one image "
+                "(RelevanceExplanation.conservation has each map's share): the rest went to biases, units "
+                "without positive contributions or rules' stabilisers (readout.lrp explains where)",
+                self.base.classifier.name,
+                self.base.layer,
+                float(conservation.min()),
+            )
         return RelevanceExplanation(
             heatmap=relevance.sum(dim=1),
             relevance=relevance,
             injected=injected,
-            conservation=relevance.sum(dim=(1, 2, 3)) / total,
+            conservation=conservation,
             base=base,
         )
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from readout.backbones import Classifier
+if TYPE_CHECKING:
+    from readout.classifier import Classifier
 
 
 def tap_module(classifier: Classifier, layer: str) -> nn.Module:
-    """The module whose output is the tap ``layer``; unknown names list the valid ones."""
-    return classifier.stages[classifier.tap_index(layer)]
+    """The module whose output is the tap ``layer`` (a module path or an alias); unknown names list
+    the named layers."""
+    return classifier.module(layer)
 
 
 class FeatureTaps(AbstractContextManager["FeatureTaps"]):

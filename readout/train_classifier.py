@@ -34,16 +34,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from readout.backbones import BACKBONES, Classifier, SyntheticCNN, load_saved_classifier, save_classifier
+from readout.backbones import load_classifier, load_saved_classifier, save_classifier
+from readout.classifier import Classifier
 from readout.data.synthetic import CLASSES, generate, synthetic_batch
-
-NAME = "synthetic-cnn"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """What ``python -m readout.train_classifier`` trains; every field is a CLI flag (``--n-train`` ...)."""
 
+    architecture: str = "synthetic-cnn"
+    """``synthetic-cnn`` or any torchvision classification model (``resnet18``), randomly initialised
+    with one output per synthetic class and the normalisation of its name."""
     out: str = "checkpoints/synthetic-cnn"
     """Path of the classifier without suffix: ``.safetensors`` and ``.json`` are written."""
     n_train: int = 16000
@@ -75,14 +77,14 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train(config: TrainConfig, log: bool = True) -> tuple[Classifier, dict[str, float]]:
-    """Trains SyntheticCNN; returns the frozen classifier and the wall-clock and CPU seconds it took.
+    """Trains ``config.architecture``; returns the frozen classifier and the wall-clock and CPU seconds
+    it took.
 
     CPU seconds are summed over threads; on a machine shared with other jobs the wall clock grows with
     the load while the CPU seconds stay about the same.
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    spec = BACKBONES[NAME]
     began, cpu_began = time.perf_counter(), time.process_time()
     samples = list(generate(config.n_train, config.size, config.seed))
     images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()  # uint8
@@ -90,24 +92,26 @@ def train(config: TrainConfig, log: bool = True) -> tuple[Classifier, dict[str, 
     del samples
     if log:
         print(f"made {len(labels)} training images in {time.perf_counter() - began:.0f} s", flush=True)
-    stages, taps = SyntheticCNN(num_classes=len(CLASSES)).stages()
+    classifier = load_classifier(
+        config.architecture, weights=None, input_size=config.size, classes=list(CLASSES)
+    )
+    model = classifier.model
     if config.init:
-        stages.load_state_dict(load_saved_classifier(Path(config.init)).stages.state_dict())
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        model.load_state_dict(load_saved_classifier(Path(config.init)).model.state_dict())
     steps_per_epoch = len(labels) // config.batch_size
-    optimizer = torch.optim.AdamW(stages.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
-    stages.train()
+    model.train()  # the module itself: the Classifier around it stays in eval mode
     for epoch in range(config.epochs):
         order = torch.randperm(len(labels), generator=generator)
         correct, seen, loss_sum = 0, 0, 0.0
         for step in range(steps_per_epoch):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
             x = _augment(images[index].float().div_(255.0), generator)
-            logits = stages((x - mean) / std)
+            logits = model(classifier.normalize(x))
             loss = F.cross_entropy(logits, labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,7 +126,8 @@ def train(config: TrainConfig, log: bool = True) -> tuple[Classifier, dict[str, 
                 f"train top-1 {correct / seen:.3f}, {time.perf_counter() - began:.0f} s",
                 flush=True,
             )
-    classifier = Classifier(NAME, stages, taps, spec.mean, spec.std, config.size, list(CLASSES))
+    model.requires_grad_(False)
+    classifier.eval()
     timing = {"seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began}
     return classifier, {name: round(value, 1) for name, value in timing.items()}
 

@@ -1,4 +1,4 @@
-"""The classifier registry: names, taps, prefix and suffix, weights, eval mode, saving, the shipped one."""
+"""The classifier registry: names, paper aliases, weights, eval mode, saving, the shipped one."""
 
 from __future__ import annotations
 
@@ -11,44 +11,43 @@ import torch
 from torch import nn
 from torchvision import models
 
-from readout.backbones import (
-    BACKBONES,
-    CHECKPOINT_DIR,
-    Classifier,
-    load_classifier,
-    load_saved_classifier,
-    save_classifier,
-    tap_info,
-)
+from readout.backbones import PAPER_DEFAULTS, entry, load_classifier, load_saved_classifier, save_classifier
+from readout.classifier import Classifier, tap_info
+from readout.resources import checkpoint_dir
 from readout.taps import tap_module
 from readout.train_classifier import evaluate
 
 
-def test_an_unknown_classifier_name_lists_the_registered_ones() -> None:
+def test_an_unknown_classifier_name_says_what_names_are() -> None:
     with pytest.raises(KeyError) as error:
         load_classifier("resnet51")
-    assert all(name in str(error.value) for name in BACKBONES)
+    assert "'resnet51'" in str(error.value) and "synthetic-cnn" in str(error.value)
+    assert "a torchvision classification model" in str(error.value)
 
 
 def test_an_unknown_layer_lists_the_valid_ones() -> None:
     classifier = load_classifier("synthetic-cnn", weights=None)
     with pytest.raises(KeyError) as error:
-        classifier.prefix("block4")
+        classifier.split("block4")
     assert "block4" in str(error.value) and "conv1, block1, block2, block3, fc" in str(error.value)
+    assert "did you mean block3" in str(error.value)
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+@pytest.mark.parametrize("name", ["resnet50", "vgg16", "synthetic-cnn"])
 def test_prefix_then_suffix_is_the_whole_model(name: str) -> None:
     torch.manual_seed(0)
     classifier = load_classifier(name, weights=None)
-    spec = BACKBONES[name]
-    images = torch.rand(2, 3, 32, 32)  # small: the taps, not the resolution, are tested
+    defaults = classifier.defaults
+    images = torch.rand(2, 3, 32, 32)  # small: the layers, not the resolution, are tested
+    classifier.input_size = 32
     with torch.no_grad():
         full = classifier(images)
         assert full.shape == (2, classifier.num_classes)
-        for layer in dict.fromkeys([spec.per_sample_layer, spec.readout_layer, *spec.readout_taps]):
-            middle = classifier.prefix(layer)(classifier.normalize(images))
-            torch.testing.assert_close(classifier.suffix(layer)(middle), full, msg=f"{name} at {layer}")
+        for layer in dict.fromkeys([defaults.per_sample_layer, defaults.readout_layer]):
+            split = classifier.split(layer)
+            assert split.traced, f"{name} at {layer}"
+            x = classifier.normalize(images)
+            torch.testing.assert_close(split.logits(split.features(x), x), full, msg=f"{name} at {layer}")
 
 
 def test_resnet50_stages_compute_what_torchvision_computes(tmp_path: Path) -> None:
@@ -68,7 +67,7 @@ def test_missing_pretrained_weights_name_the_file_and_never_download(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    filename = Path(BACKBONES[name].weights_enum.IMAGENET1K_V1.url).name
+    filename = Path(entry(name).weights_enum.IMAGENET1K_V1.url).name
     with pytest.raises(FileNotFoundError, match=filename):
         load_classifier(name)
     assert not any(tmp_path.iterdir())
@@ -104,7 +103,7 @@ def test_save_then_load_gives_the_same_classifier(tmp_path: Path) -> None:
 
 def test_the_shipped_synthetic_cnn_scores_at_least_95_percent_on_an_unseen_seed() -> None:
     classifier = load_classifier("synthetic-cnn")
-    meta = json.loads((CHECKPOINT_DIR / "synthetic-cnn.json").read_text())
+    meta = json.loads((checkpoint_dir() / "synthetic-cnn.json").read_text())
     unseen = 1001
     assert unseen not in (meta["training"]["seed"], meta["evaluation"]["seed"])
     assert classifier.classes == meta["classes"] and classifier.input_size == 64
@@ -121,9 +120,9 @@ def test_weights_from_the_torch_hub_cache_are_loaded(tmp_path: Path, monkeypatch
     cached.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), cached)
     classifier = load_classifier("resnet50", weights="IMAGENET1K_V1")
-    assert torch.equal(classifier.stages[0].weight, reference.conv1.weight)
-    assert torch.equal(classifier.stages[-1].weight, reference.fc.weight)
-    assert torch.equal(classifier.stages[4].bn2.running_var, reference.layer1[0].bn2.running_var)
+    assert torch.equal(classifier.model.conv1.weight, reference.conv1.weight)
+    assert torch.equal(classifier.model.fc.weight, reference.fc.weight)
+    assert torch.equal(classifier.model.layer1[0].bn2.running_var, reference.layer1[0].bn2.running_var)
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # nothing downloaded beside it
 
 
@@ -148,7 +147,7 @@ BAD_LOADS: dict[str, tuple[Callable[[Path], Callable[[], object]], type, str]] =
     "missing-weights-path": (
         lambda tmp: lambda: load_classifier("resnet50", weights_path=str(tmp / "nope.pth")),
         FileNotFoundError,
-        "weights_path {tmp}/nope.pth for 'resnet50' does not exist",
+        "weights_path {tmp}/nope.pth does not exist",
     ),
     "weights-none-with-a-path": (
         lambda tmp: lambda: load_classifier("vgg16", weights=None, weights_path=str(tmp / "w.pth")),
@@ -156,21 +155,21 @@ BAD_LOADS: dict[str, tuple[Callable[[Path], Callable[[], object]], type, str]] =
         "weights=None (random init) contradicts weights_path='{tmp}/w.pth' for 'vgg16': drop weights_path "
         "for random init, or set weights (e.g. 'IMAGENET1K_V1') to load the file",
     ),
-    "weights-path-for-synthetic-cnn": (
-        lambda tmp: lambda: load_classifier("synthetic-cnn", weights_path=str(tmp / "w.pth")),
+    "weights-path-of-another-model": (
+        lambda tmp: lambda: load_classifier("resnet18", weights_path=str(_weights_of("vgg11", tmp))),
         ValueError,
-        "weights_path='{tmp}/w.pth' was given for 'synthetic-cnn', which loads its own weights; "
-        "weights_path is only for resnet50, vgg16: drop it",
+        "weights_path {tmp}/vgg11.pth does not fit the model: Error(s) in loading state_dict",
     ),
-    "weights-path-for-a-saved-classifier": (
-        lambda tmp: lambda: load_classifier(str(_saved(tmp)), weights_path=str(tmp / "w.pth")),
+    "weights-path-holds-no-state-dict": (
+        lambda tmp: lambda: load_classifier("resnet18", weights_path=str(_not_a_state_dict(tmp))),
         ValueError,
-        "weights_path='{tmp}/w.pth' was given for '{tmp}/saved.safetensors', which loads its own weights",
+        "{tmp}/list.pth holds a list, not a state dict",
     ),
-    "weights-path-for-an-unknown-name": (
+    "an-unknown-name": (
         lambda tmp: lambda: load_classifier("resnet51", weights_path=str(tmp / "w.pth")),
         KeyError,
-        "unknown classifier 'resnet51': not a registered name (resnet50, vgg16, synthetic-cnn) nor a file",
+        "unknown classifier 'resnet51': not 'synthetic-cnn', a torchvision classification model, an import "
+        "path 'package.module:callable', nor a saved classifier file",
     ),
     "unknown-weights-entry": (
         lambda tmp: lambda: load_classifier("vgg16", weights="IMAGENET1K_V9"),
@@ -197,7 +196,7 @@ BAD_LOADS: dict[str, tuple[Callable[[Path], Callable[[], object]], type, str]] =
     "saved-json-wrong-format": (
         lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(format="other/2")))),
         ValueError,
-        "{tmp}/saved.json is not a readout classifier: format 'other/2', expected 'readout-classifier/1'",
+        "{tmp}/saved.json is not a readout classifier: format 'other/2', expected 'readout-classifier/2'",
     ),
     "saved-json-lacks-a-field": (
         lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: meta.pop("input_size")))),
@@ -205,18 +204,43 @@ BAD_LOADS: dict[str, tuple[Callable[[Path], Callable[[], object]], type, str]] =
         "{tmp}/saved.json lacks the field(s) input_size",
     ),
     "saved-unknown-architecture": (
-        lambda tmp: lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(architecture="vit")))),
-        ValueError,
-        "{tmp}/saved.json: architecture 'vit' is not registered; registered: resnet50, vgg16, synthetic-cnn",
+        lambda tmp: (
+            lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(source={"torchvision": "vit"}))))
+        ),
+        KeyError,
+        "unknown classifier 'vit'",
     ),
     "saved-architecture-mismatch": (
         lambda tmp: (
-            lambda: load_classifier(str(_saved(tmp, lambda meta: meta.update(architecture="resnet50"))))
+            lambda: load_classifier(
+                str(_saved(tmp, lambda meta: meta.update(source={"torchvision": "resnet18"})))
+            )
         ),
         ValueError,
-        "{tmp}/saved.safetensors does not match architecture 'resnet50': Error(s) in loading state_dict",
+        "{tmp}/saved.safetensors does not fit the model: Error(s) in loading state_dict",
+    ),
+    "saved-import-path-without-permission": (
+        lambda tmp: (
+            lambda: load_classifier(
+                str(_saved(tmp, lambda meta: meta.update(source={"import": "os:system"})))
+            )
+        ),
+        ValueError,
+        "{tmp}/saved.json names the import path 'os:system' for its classifier. readout never imports code "
+        "named in a file",
     ),
 }
+
+
+def _weights_of(name: str, tmp: Path) -> Path:
+    path = tmp / f"{name}.pth"
+    torch.save(models.get_model(name, weights=None).state_dict(), path)
+    return path
+
+
+def _not_a_state_dict(tmp: Path) -> Path:
+    torch.save([1, 2, 3], tmp / "list.pth")
+    return tmp / "list.pth"
 
 
 @pytest.mark.parametrize("case", list(BAD_LOADS))
@@ -234,16 +258,10 @@ def test_bad_weights_and_saved_classifiers_are_clear_errors(case: str, tmp_path:
 
 @pytest.fixture(scope="module")
 def wrapped() -> Iterator[dict[str, tuple[Classifier, nn.Module]]]:
-    """resnet50 and vgg16 (random init) built around torchvision models held here: they share modules."""
+    """resnet50 and vgg16 (random init) with the torchvision models they wrap."""
     torch.manual_seed(0)
-    references = {
-        "resnet50": models.resnet50(weights=None).eval(),
-        "vgg16": models.vgg16(weights=None).eval(),
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name, reference in references.items():
-            patch.setattr(models, name, lambda weights=None, reference=reference: reference)
-        yield {name: (load_classifier(name, weights=None), ref) for name, ref in references.items()}
+    classifiers = {name: load_classifier(name, weights=None) for name in ("resnet50", "vgg16")}
+    yield {name: (classifier, classifier.model) for name, classifier in classifiers.items()}
 
 
 def _resnet50_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -267,8 +285,8 @@ MODULES = {"resnet50": _resnet50_modules, "vgg16": _vgg16_modules}
 def test_paper_taps_are_the_torchvision_modules_they_name(name: str, wrapped: dict) -> None:
     classifier, reference = wrapped[name]
     expected = MODULES[name](reference)
-    spec = BACKBONES[name]
-    assert set(spec.readout_taps) | {spec.per_sample_layer, spec.readout_layer} <= set(expected)
+    defaults = PAPER_DEFAULTS[name][1]
+    assert set(defaults.readout_taps) | {defaults.per_sample_layer, defaults.readout_layer} <= set(expected)
     for layer, module in expected.items():
         assert tap_module(classifier, layer) is module, f"{name} {layer}"
 
@@ -276,10 +294,10 @@ def test_paper_taps_are_the_torchvision_modules_they_name(name: str, wrapped: di
 def test_vgg16_taps_come_before_their_relu(wrapped: dict) -> None:
     classifier, reference = wrapped["vgg16"]
     for layer in ("conv3_1", "conv4_1", "conv5_1", "conv5_3"):
-        index = classifier.tap_index(layer)
-        assert isinstance(classifier.stages[index], nn.Conv2d)
-        assert isinstance(classifier.stages[index + 1], nn.ReLU)
-        assert classifier.stages[index + 1] is reference.features[index + 1]
+        index = int(classifier.resolve(layer).split(".")[1])
+        assert isinstance(classifier.model.features[index], nn.Conv2d)
+        assert isinstance(classifier.model.features[index + 1], nn.ReLU)
+        assert classifier.model.features[index + 1] is reference.features[index + 1]
 
 
 TAP_SHAPES = {
@@ -300,8 +318,11 @@ def test_tap_info_gives_the_channels_and_strides_of_the_paper_taps(name: str, wr
     assert (infos["fc"].channels, infos["fc"].spatial) == (1000, False)
 
 
-def test_vgg16_stages_compute_what_torchvision_computes(wrapped: dict) -> None:
-    classifier, reference = wrapped["vgg16"]
+def test_vgg16_computes_what_torchvision_computes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = models.vgg11(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "vgg11.pth")
+    classifier = load_classifier("vgg11", weights_path=str(tmp_path / "vgg11.pth"))
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), reference(classifier.normalize(images)))

@@ -24,6 +24,7 @@ def test_per_sample_bench_reports_a_ratio_against_the_straightforward_one(tmp_pa
     assert set(result["rates"]) == {
         "batched + cached",
         "batched + cached, batch norm not folded",
+        "batched, hook path (full model per step)",
         "straightforward (one image, full model)",
     }
     assert all(rate > 0 for rate in result["rates"].values())

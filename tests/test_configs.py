@@ -19,7 +19,7 @@ def shards(tmp_path_factory):
 
 
 def test_every_config_is_tested():
-    assert {c.stem for c in CONFIGS} == {"demo", "resnet50", "synthetic-224", "vgg16"}
+    assert {c.stem for c in CONFIGS} == {"custom", "demo", "resnet50", "synthetic-224", "vgg16"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
@@ -49,4 +49,5 @@ def test_config_trains_and_exports_through_the_cli(config, shards, tmp_path):
     assert cli.trainer.global_step == 2
     hparams = cli.model.hparams
     attributor = load(tmp_path / "export", classifier=cli.model.attributor.classifier)
-    assert attributor.layer == hparams["layer"] and attributor.taps == hparams["taps"]
+    trained = cli.model.attributor
+    assert attributor.layer == (hparams["layer"] or trained.layer) and attributor.taps == trained.taps

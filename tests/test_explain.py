@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from readout import explain
-from readout.backbones import CHECKPOINT_DIR, load_classifier, save_classifier
+from readout.backbones import load_classifier, save_classifier
 from readout.data.synthetic import synthetic_batch, write_shards
 from readout.explain import main
 from readout.export import load
@@ -16,6 +16,7 @@ from readout.images import BadImage, load_image
 from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
 from readout.relevance import RelevanceIBA
+from readout.resources import checkpoint_dir
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_relevance_method_writes_signed_maps_with_conservation(classifier_path, 
     assert heatmap.sum() == pytest.approx(record["total_bits"] * record["conservation"], rel=1e-3)
 
 
-BUNDLE = CHECKPOINT_DIR / "readout-demo"
+BUNDLE = checkpoint_dir() / "readout-demo"
 
 
 def object_images(folder, count=2):

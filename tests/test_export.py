@@ -4,10 +4,11 @@ import fsspec
 import pytest
 import torch
 
-from readout.backbones import CHECKPOINT_DIR, load_classifier
+from readout.backbones import load_classifier
 from readout.data.synthetic import synthetic_batch
 from readout.export import CONFIG_FILE, WEIGHTS_FILE, export_bundle, load
 from readout.readout_bottleneck import ReadoutBottleneck
+from readout.resources import checkpoint_dir
 from readout.taps import hook_count
 
 
@@ -84,7 +85,7 @@ def test_load_imports_no_lightning():
     # A fresh interpreter: this test process may have imported Lightning through other tests.
     code = (
         "import sys, torch, readout; "
-        f"attributor = readout.load({str(CHECKPOINT_DIR / 'readout-demo')!r}); "
+        f"attributor = readout.load({str(checkpoint_dir() / 'readout-demo')!r}); "
         "heatmap = attributor(torch.rand(1, 3, 64, 64)); "
         "assert heatmap.shape == (1, 64, 64) and torch.isfinite(heatmap).all(), heatmap.shape; "
         "found = sorted({m.split('.')[0] for m in sys.modules} & {'pytorch_lightning', 'lightning'}); "
@@ -99,7 +100,7 @@ def test_shipped_bundle_on_cuda_gives_the_cpu_heatmaps(monkeypatch):
     # The readout is deterministic. TF32 convolutions (cuDNN allows them by default) would differ from
     # the CPU's float32 by about 1e-3.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    bundle = CHECKPOINT_DIR / "readout-demo"
+    bundle = checkpoint_dir() / "readout-demo"
     images = synthetic_batch(4, 64, seed=9)["image"]
     expected = load(bundle)(images)
     on_cuda = load(bundle, device="cuda")

@@ -18,7 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_fit import tiny_config, write_config
 from torch import nn
 
-from readout.backbones import Classifier, load_classifier
+from readout.backbones import load_classifier
+from readout.classifier import Classifier
 from readout.datamodule import ReadoutDataModule
 from readout.fit import main as fit
 from readout.lit import ReadoutModule, check_layers
@@ -113,23 +114,33 @@ def test_the_training_loss_is_ce_plus_beta_over_k_times_the_kl_per_sample_mean_o
     assert last.weight.grad is not None and bool(last.weight.grad.abs().sum() > 0)
 
 
+def leaf_calls_expected(attributor: Any) -> tuple[dict[str, nn.Module], str]:
+    """The model's leaf modules by path, and the first leaf after the bottleneck's layer."""
+    model, cut = attributor.classifier.model, attributor.classifier.resolve(attributor.layer)
+    names = [name for name, _ in model.named_children()]
+    after = names[names.index(cut) + 1]
+    leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
+    first = next(name for name in leaves if name.split(".")[0] == after)
+    return leaves, first
+
+
 class CountForwards(pl.Callback):
-    """During training steps only: calls of every classifier stage, and the input of the suffix's
-    first stage on each call, next to the bottleneck's output."""
+    """During training steps only: calls of every leaf module of the classifier, and the input of the
+    first leaf after the bottleneck on each call, next to the bottleneck's output."""
 
     def __init__(self) -> None:
-        self.calls: Counter[int] = Counter()
+        self.calls: Counter[str] = Counter()
         self.suffix_inputs: list[torch.Tensor] = []
         self.noisy: list[torch.Tensor] = []
         self.handles: list[Any] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
         attributor = pl_module.attributor
-        first_suffix = attributor.classifier.tap_index(attributor.layer) + 1
-        for i, stage in enumerate(attributor.classifier.stages):
-            self.handles.append(stage.register_forward_hook(lambda *a, i=i: self.calls.update([i])))
+        leaves, first = leaf_calls_expected(attributor)
+        for name, leaf in leaves.items():
+            self.handles.append(leaf.register_forward_hook(lambda *a, n=name: self.calls.update([n])))
         self.handles.append(
-            attributor.classifier.stages[first_suffix].register_forward_pre_hook(
+            leaves[first].register_forward_pre_hook(
                 lambda module, inputs: self.suffix_inputs.append(inputs[0].detach().clone())
             )
         )
@@ -163,9 +174,20 @@ def test_a_training_step_runs_the_prefix_once_and_only_the_suffix_with_the_bottl
     )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 1
-    bottleneck = module.attributor.classifier.tap_index(module.attributor.layer)
-    stages = len(module.attributor.classifier.stages)
-    assert counter.calls == Counter({i: 1 if i <= bottleneck else 2 for i in range(stages)})
+    # the first pass runs every leaf once (a block's shared ReLU twice), the second only those after it
+    classifier = module.attributor.classifier
+    once = Counter()
+    handles = [
+        m.register_forward_hook(lambda *a, n=n: once.update([n]))
+        for n, m in leaf_calls_expected(module.attributor)[0].items()
+    ]
+    classifier(torch.rand(1, 3, SIZE, SIZE))
+    for handle in handles:
+        handle.remove()
+    cut = classifier.resolve(module.attributor.layer)
+    names = [name for name, _ in classifier.model.named_children()]
+    after = set(names[names.index(cut) + 1 :])
+    assert counter.calls == Counter({n: c * (2 if n.split(".")[0] in after else 1) for n, c in once.items()})
     # the first pass feeds the suffix the clean activation, the second the bottleneck's Z
     clean, noisy = counter.suffix_inputs
     assert torch.equal(noisy, counter.noisy[0]) and not torch.allclose(clean, noisy)
@@ -192,7 +214,7 @@ def one_step(channels_last: bool) -> tuple[float, float, ReadoutModule]:
 def test_channels_last_gives_the_loss_of_the_default_layout():
     before, after, plain = one_step(channels_last=False)
     before_cl, after_cl, module = one_step(channels_last=True)
-    stem = module.attributor.classifier.stages[0].weight
+    stem = module.attributor.classifier.model.conv1.weight
     assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
     _, features, _ = module.attributor.first_pass(
         tiny_batch(2)["image"].contiguous(memory_format=torch.channels_last)
@@ -225,7 +247,8 @@ def test_the_readout_gradients_have_the_strides_of_their_parameters(channels_las
 def toy_classifier() -> Classifier:
     """conv (spatial) -> flat (a vector, not the output) -> fc (the output)."""
     stages = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(1), nn.Linear(4 * 8 * 8, 2))
-    return Classifier("toy", stages, {"conv": 0, "flat": 1, "fc": 2}, (0.5,) * 3, (0.25,) * 3, 8, ["a", "b"])
+    aliases = {"conv": "0", "flat": "1", "fc": "2"}
+    return Classifier(stages, (0.5,) * 3, (0.25,) * 3, 8, ["a", "b"], name="toy", aliases=aliases)
 
 
 @pytest.mark.parametrize(
@@ -234,9 +257,14 @@ def toy_classifier() -> Classifier:
         (None, ["conv", "head"], r"model\.taps \['head'\] are not layers of 'toy'; valid: conv, flat, fc"),
         (None, ["conv", "fc", "conv", "fc"], r"model\.taps lists \['conv', 'fc'\] more than once"),
         (None, [], r"model\.taps is empty: name at least one layer of 'toy'.*valid: conv, flat, fc"),
-        ("fc", None, r"model\.layer 'fc' is the classifier's output: .*strictly before it.*; valid: conv$"),
-        ("flat", None, r"model\.layer 'flat' has no spatial activation .*; valid: conv$"),
-        ("conv9", None, r"model\.layer 'conv9' is not a layer of 'toy'; valid: conv$"),
+        (
+            "fc",
+            None,
+            r"model\.layer 'fc' is the classifier's output: .*strictly before it.*; valid: conv or any"
+            r" module path$",
+        ),
+        ("flat", None, r"model\.layer 'flat' has no spatial activation .*; valid: conv or any module path$"),
+        ("conv9", None, r"model\.layer 'conv9' is not a layer of 'toy'; valid: conv or any module path$"),
     ],
     ids=["unknown-tap", "tap-twice", "no-taps", "output", "not-spatial", "unknown-layer"],
 )

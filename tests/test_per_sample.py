@@ -1,7 +1,9 @@
 import copy
+from collections import Counter
 
 import pytest
 import torch
+from torch import nn
 
 from readout.backbones import load_classifier
 from readout.per_sample import PerSample
@@ -101,23 +103,37 @@ def test_reseeding_the_generator_repeats_the_noise(attributor):
     assert torch.equal(attributor.draw_noise(1, torch.zeros(1)), first)
 
 
+def leaves_around(attributor) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """The model's leaf modules before the bottleneck (and at it) and after it, by module path."""
+    model, cut = attributor.classifier.model, attributor.classifier.resolve(attributor.layer)
+    names = [name for name, _ in model.named_children()]
+    before = set(names[: names.index(cut) + 1])
+    leaves = {name: m for name, m in model.named_modules() if name and not list(m.children())}
+    prefix = {name: m for name, m in leaves.items() if name.split(".")[0] in before}
+    return prefix, {name: m for name, m in leaves.items() if name not in prefix}
+
+
 @pytest.mark.parametrize("fuse", [False, True], ids=["own-modules", "folded"])
 def test_prefix_runs_once_and_the_suffix_once_per_step(attributor, fuse):
     # Batched and cached (issue 3): the layers before the bottleneck see the B images once; the layers
     # after it see the B clean activations once (top-1), then B·copies noisy ones on every step and in
     # the final evaluation with the fitted α. Folded, those run as a copy and the originals never.
     attributor.fuse = fuse
-    batch, index = 2, attributor.classifier.tap_index(attributor.layer)
-    stages = attributor.classifier.stages
-    calls: dict[str, list[int]] = {"prefix": [], "suffix": [], "folded": []}
+    batch = 2
+    prefix, suffix = leaves_around(attributor)
+    per_pass = Counter()  # a module may run more than once a pass (a block's shared ReLU)
+    handles = [
+        m.register_forward_hook(lambda *a, n=n: per_pass.update([n])) for n, m in {**prefix, **suffix}.items()
+    ]
+    attributor.classifier(torch.rand(1, 3, 64, 64))
+    for handle in handles:
+        handle.remove()
+    calls: dict[str, list[int]] = {name: [] for name in [*prefix, *suffix, "folded"]}
 
     def record(part):
         return lambda module, inputs, output: calls[part].append(inputs[0].shape[0])
 
-    handles = [
-        stage.register_forward_hook(record("prefix" if i <= index else "suffix"))
-        for i, stage in enumerate(stages)
-    ]
+    handles = [m.register_forward_hook(record(n)) for n, m in {**prefix, **suffix}.items()]
     if fuse:
         handles.append(attributor.fitting_suffix().register_forward_hook(record("folded")))
     try:
@@ -126,13 +142,14 @@ def test_prefix_runs_once_and_the_suffix_once_per_step(attributor, fuse):
         attributor.fuse = True
         for handle in handles:
             handle.remove()
-    prefix_stages, suffix_stages = index + 1, len(stages) - index - 1
-    assert calls["prefix"] == [batch] * prefix_stages
+    assert prefix and suffix
+    for name in prefix:
+        assert calls[name] == [batch] * per_pass[name], name
     passes = [batch] + [batch * attributor.copies] * (attributor.steps + 1)
-    if fuse:
-        assert calls["suffix"] == [] and calls["folded"] == passes
-    else:
-        assert calls["suffix"] == [size for size in passes for _ in range(suffix_stages)]
+    for name in suffix:
+        expected = [] if fuse else [size for size in passes for _ in range(per_pass[name])]
+        assert calls[name] == expected, name
+    assert calls["folded"] == (passes if fuse else [])
     assert all(p.grad is None for p in attributor.classifier.parameters())
 
 
@@ -204,7 +221,7 @@ def test_the_folded_suffix_gives_the_maps_of_the_classifiers_own_and_follows_its
     torch.testing.assert_close(folded.heatmap, own.heatmap, rtol=1e-4, atol=1e-6)
     first = attributor.fitting_suffix()
     assert attributor.fitting_suffix() is first  # kept between calls
-    fc = attributor.classifier.stages[-1]
+    fc = attributor.classifier.model.fc
     saved = fc.weight.clone()
     try:
         with torch.no_grad():
@@ -212,7 +229,7 @@ def test_the_folded_suffix_gives_the_maps_of_the_classifiers_own_and_follows_its
         again = attributor.fitting_suffix()
         assert again is not first
         z = torch.rand(3, *attributor.shape)
-        torch.testing.assert_close(again(z), attributor.suffix(z), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(again(z), attributor.split.suffix(z), rtol=1e-4, atol=1e-5)
     finally:
         with torch.no_grad():
             fc.weight.copy_(saved)

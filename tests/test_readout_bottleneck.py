@@ -44,7 +44,7 @@ def test_stacked_features_are_normalised_upsampled_and_broadcast():
 def test_heatmap_is_one_forward_pass_and_matches_explain(readout):
     images = torch.rand(3, 3, 64, 64)
     calls = []
-    handle = readout.classifier.stages[0].register_forward_hook(lambda *args: calls.append(1))
+    handle = readout.classifier.model.conv1.register_forward_hook(lambda *args: calls.append(1))
     try:
         heatmap = readout(images)
     finally:

@@ -5,12 +5,12 @@ import torch
 from test_lrp import randomised_classifier
 
 from readout.attributor import BottleneckAttributor, Explanation
-from readout.backbones import CHECKPOINT_DIR
 from readout.bottleneck import information_map
 from readout.data.synthetic import synthetic_batch
 from readout.export import load
 from readout.per_sample import PerSample
 from readout.relevance import RelevanceIBA, relevance_attributor
+from readout.resources import checkpoint_dir
 from readout.taps import hook_count
 
 
@@ -19,7 +19,7 @@ class FixedBottleneck(BottleneckAttributor):
 
     def explain(self, images, target=None):
         features = self.features(images)
-        logits = self.suffix(features)
+        logits = self.logits_after(features, images)
         target = self.resolve_target(logits, target)
         lam = torch.sigmoid(features - 0.5)
         information = lam * (features + 0.1)
@@ -141,7 +141,7 @@ def test_relevance_on_cuda_gives_the_cpu_maps(images, monkeypatch):
     # Relevance-readout is deterministic. Compared in float64: in float32 the residual Sum rule magnifies
     # rounding (see readout.relevance), and the CPU and the GPU round differently.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    bundle = CHECKPOINT_DIR / "readout-demo"
+    bundle = checkpoint_dir() / "readout-demo"
     objects = synthetic_batch(3, 64, seed=9)["image"]
     cpu = RelevanceIBA(load(bundle).double()).explain(objects.double())
     cuda = RelevanceIBA(load(bundle, device="cuda").double()).explain(objects.double().cuda())
@@ -164,7 +164,7 @@ def test_relevance_on_cuda_gives_the_cpu_maps(images, monkeypatch):
 def shipped():
     """The shipped readout bundle (on the shipped synthetic-cnn, at block2), 8 held-out images and their
     readout explanation."""
-    readout, objects = load(CHECKPOINT_DIR / "readout-demo"), synthetic_batch(8, 64, seed=4242)["image"]
+    readout, objects = load(checkpoint_dir() / "readout-demo"), synthetic_batch(8, 64, seed=4242)["image"]
     return readout, objects, readout.explain(objects)
 
 

@@ -90,11 +90,14 @@ def no_data_read(monkeypatch: pytest.MonkeyPatch) -> None:
     ("arguments", "expected"),
     [
         (
-            ["--model.classifier", "alexnet"],
-            r"model\.classifier: unknown classifier 'alexnet'.*resnet50, vgg16",
+            ["--model.classifier", "resnet5O"],
+            r"model\.classifier: unknown classifier 'resnet5O'.*a torchvision classification model",
         ),
         (["--model.layer", "conv9"], r"model\.layer 'conv9' is not a layer .*valid: conv1, block1, block2"),
-        (["--model.layer", "fc"], r"model\.layer 'fc' is the classifier's output.*valid: .*block3$"),
+        (
+            ["--model.layer", "fc"],
+            r"model\.layer 'fc' is the classifier's output.*valid: .*block3 or any module path$",
+        ),
         (["--model.taps", "[block1, head]"], r"model\.taps \['head'\] are not layers.*valid: .*block3, fc"),
         (["--model.taps", "[block1, fc, block1]"], r"model\.taps lists \['block1'\] more than once"),
         (["--model.taps", "[]"], r"model\.taps is empty: .*valid: conv1, block1, block2, block3, fc"),

@@ -17,7 +17,9 @@ def test_taps_record_the_prefix_outputs_and_remove_their_hooks(classifier):
         assert hook_count(classifier) == 2
         logits = classifier(x)
     assert hook_count(classifier) == 0
-    torch.testing.assert_close(taps.features["block1"], classifier.prefix("block1")(classifier.normalize(x)))
+    torch.testing.assert_close(
+        taps.features["block1"], classifier.split("block1").features(classifier.normalize(x))
+    )
     torch.testing.assert_close(taps.features["fc"], logits)
 
 
@@ -33,7 +35,7 @@ def test_replace_output_changes_what_follows(classifier):
     x = torch.rand(1, 3, 64, 64)
     with ReplaceOutput(classifier, "block3", torch.zeros_like):
         logits = classifier(x)
-    torch.testing.assert_close(logits, classifier.suffix("block3")(torch.zeros(1, 128, 8, 8)))
+    torch.testing.assert_close(logits, classifier.split("block3").suffix(torch.zeros(1, 128, 8, 8)))
     assert hook_count(classifier) == 0
 
 

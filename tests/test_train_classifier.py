@@ -9,21 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from readout.backbones import CHECKPOINT_DIR, load_classifier
+from readout.backbones import load_classifier
 from readout.data.synthetic import CLASSES
+from readout.resources import checkpoint_dir
 from readout.train_classifier import evaluate, main
 
 
 def test_evaluate_only_measures_the_shipped_classifier(capsys: pytest.CaptureFixture[str]) -> None:
-    meta = (CHECKPOINT_DIR / "synthetic-cnn.json").read_text()
-    argv = ["--evaluate-only", "--out", str(CHECKPOINT_DIR / "synthetic-cnn"), "--n-eval", "64"]
+    meta = (checkpoint_dir() / "synthetic-cnn.json").read_text()
+    argv = ["--evaluate-only", "--out", str(checkpoint_dir() / "synthetic-cnn"), "--n-eval", "64"]
     accuracy = main(argv)  # the default --min-accuracy 0.95 would exit 1 below it
     assert accuracy >= 0.9
     assert f"top-1 {accuracy:.4f} on 64 images of seed 1000" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--min-accuracy", "1.01"])
     assert exit_.value.code == 1
-    assert (CHECKPOINT_DIR / "synthetic-cnn.json").read_text() == meta  # measuring writes nothing
+    assert (checkpoint_dir() / "synthetic-cnn.json").read_text() == meta  # measuring writes nothing
 
 
 def test_the_training_cli_writes_weights_and_metadata_that_load(tmp_path: Path) -> None:
@@ -33,8 +34,8 @@ def test_the_training_cli_writes_weights_and_metadata_that_load(tmp_path: Path) 
     accuracy = main(argv)
     assert out.with_suffix(".safetensors").is_file()
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["format"] == "readout-classifier/1"
-    assert meta["architecture"] == "synthetic-cnn" and meta["input_size"] == 32
+    assert meta["format"] == "readout-classifier/2"
+    assert meta["source"] == {"builtin": "synthetic-cnn", "num_classes": 6} and meta["input_size"] == 32
     assert meta["classes"] == list(CLASSES)
     assert meta["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     assert meta["training"]["command"] == "python -m readout.train_classifier " + shlex.join(argv)
@@ -54,10 +55,10 @@ def test_training_from_init_starts_at_the_saved_weights(tmp_path: Path) -> None:
     # A vanishing learning rate leaves the convolutions where they started: at the init's weights.
     shipped = load_classifier("synthetic-cnn")
     out = tmp_path / "fine-tuned"
-    main(["--out", str(out), "--init", str(CHECKPOINT_DIR / "synthetic-cnn"), "--n-train", "32"]
+    main(["--out", str(out), "--init", str(checkpoint_dir() / "synthetic-cnn"), "--n-train", "32"]
          + ["--epochs", "1", "--batch-size", "32", "--size", "32", "--lr", "1e-12", "--n-eval", "8"]
          + ["--min-accuracy", "0"])  # fmt: skip
-    tuned = load_classifier(str(out.with_suffix(".safetensors"))).stages.state_dict()
-    for key, value in shipped.stages.state_dict().items():
+    tuned = load_classifier(str(out.with_suffix(".safetensors"))).model.state_dict()
+    for key, value in shipped.model.state_dict().items():
         if key.endswith(".weight") and value.dim() == 4:
             torch.testing.assert_close(tuned[key], value, rtol=0, atol=1e-6)

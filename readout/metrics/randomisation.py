@@ -7,8 +7,10 @@ model's predictions when none are given, held fixed), and compared with the orig
 maps normalised by :func:`~readout.metrics.similarity.normalise_map` (uniform 5 x 5 window, as the
 paper) and Spearman rank correlation on the raw maps.
 
-Stages: ``model.stages`` when it is an ``nn.Sequential`` (readout's :class:`~readout.backbones.Classifier`),
-else the model's direct children. A stage is re-initialised by calling ``reset_parameters()`` on every
+Stages: the model's modules in the order they are registered, with every ``nn.Sequential`` opened
+into its members (resnet's blocks, vgg's layers); of a readout :class:`~readout.classifier.Classifier`,
+those of its ``model``, labelled with the classifier's alias where it has one (``conv5_3``), else
+with the module path. A stage is re-initialised by calling ``reset_parameters()`` on every
 submodule that has one (the layer's own initialiser; batch norm also resets its running statistics);
 a parameter no such call covers is an error. Step ``i`` draws from ``torch.manual_seed(seed + i)``
 inside ``torch.random.fork_rng``, so the new weights depend on the seed alone and the global random
@@ -34,22 +36,30 @@ from readout.metrics.similarity import normalise_map, spearman, ssim
 Attributor = Callable[..., torch.Tensor]
 
 
-def stage_list(model: nn.Module) -> list[nn.Module]:
-    """The model's stages in execution order: ``model.stages`` if a Sequential, else its children."""
-    stages = getattr(model, "stages", None)
-    return list(stages) if isinstance(stages, nn.Sequential) else list(model.children())
+def _stages(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        found += _stages(child, f"{path}.") if isinstance(child, nn.Sequential) else [(path, child)]
+    return found
+
+
+def stage_list(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module path, module) of the model's stages in execution order (see the module docstring)."""
+    inner = getattr(model, "model", None)
+    return _stages(inner if hasattr(model, "aliases") and isinstance(inner, nn.Module) else model, "")
 
 
 def stage_label(model: nn.Module, index: int) -> str:
-    """A readable name for stage ``index``: its tap name (``fc``, ``conv5_3``) if it has one."""
-    taps = getattr(model, "taps", None) or {}
-    names = {stage: name for name, stage in taps.items()}
-    return names.get(index, f"stage{index}:{type(stage_list(model)[index]).__name__}")
+    """A readable name for stage ``index``: its alias (``fc``, ``conv5_3``) if it has one, else its path."""
+    path = stage_list(model)[index][0]
+    names = {target: alias for alias, target in getattr(model, "aliases", {}).items()}
+    return names.get(path, path)
 
 
 def parameterised_stages(model: nn.Module) -> list[int]:
     """Indices of the stages that hold parameters, in execution order."""
-    return [i for i, stage in enumerate(stage_list(model)) if any(True for _ in stage.parameters())]
+    return [i for i, (_, stage) in enumerate(stage_list(model)) if any(True for _ in stage.parameters())]
 
 
 def randomisation_labels(model: nn.Module) -> list[str]:
@@ -81,7 +91,7 @@ def cascading_randomisation(model: nn.Module, seed: int = 0) -> Iterator[tuple[s
     for step, index in enumerate(reversed(parameterised_stages(randomised)), start=1):
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed + step)
-            reinitialise(stages[index])
+            reinitialise(stages[index][1])
         yield stage_label(randomised, index), randomised
 
 

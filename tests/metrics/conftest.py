@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from readout.backbones import Classifier
+from readout.classifier import Classifier
 
 SIZE = 16
 
@@ -27,8 +27,10 @@ def tiny_classifier(seed: int = 0) -> Classifier:
         nn.Flatten(1),
         nn.Linear(64, 3),
     )
-    taps = {"conv1": 0, "fc": 6}  # stage 2 (a conv) has no tap: it gets a generic label
-    classifier = Classifier("tiny", stages, taps, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), SIZE, ["a", "b", "c"])
+    aliases = {"conv1": "0", "fc": "6"}  # stage 2 (a conv) has no alias: it is labelled by its path
+    classifier = Classifier(
+        stages, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), SIZE, ["a", "b", "c"], name="tiny", aliases=aliases
+    )
     return classifier.double()
 
 
