@@ -198,7 +198,15 @@ class Classifier(nn.Module):
         """Every module's output shapes on one zero image, by module path (made once per size)."""
         size = input_size or self.input_size
         if size not in self._runs:
-            self._runs[size] = _dry_run(self, size)
+            runs = _dry_run(self, size)
+            output = runs[""].shapes[-1]
+            if output is None or len(output) != 2 or output[1] != self.num_classes:
+                raise ValueError(
+                    f"classifier {self.name!r} gives {output or 'no tensor'} on a (1, 3, {size}, {size}) "
+                    f"image, not logits (1, {self.num_classes}) for its {self.num_classes} classes: "
+                    "give the model's classes (names or their number)"
+                )
+            self._runs[size] = runs
         return self._runs[size]
 
     def tap_info(self, layers: Sequence[str], input_size: int | None = None) -> list[TapInfo]:

@@ -35,8 +35,8 @@ def ensure_shards(out: Path, n: int, seed: int, size: int) -> None:
 
 
 @torch.no_grad()
-def classifier_accuracy(shards: Path, size: int) -> float:
-    classifier = load_classifier("synthetic-cnn")
+def classifier_accuracy(name: str, shards: Path, size: int) -> float:
+    classifier = load_classifier(name)
     loader = make_loader(str(shards), "eval", 256, 0, transform=eval_transform(size, size))
     correct = total = 0
     for batch in loader:
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m readout.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--data", default="data/synthetic")
+    parser.add_argument(
+        "--classifier",
+        default="synthetic-cnn",
+        help="the classifier to explain (a saved one trained on the synthetic set: its path)",
+    )
     parser.add_argument("--train-samples", type=int, default=12000)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--out", default="runs/demo/heatmaps")
@@ -76,17 +81,28 @@ def main(argv: list[str] | None = None) -> None:
         "overrides", nargs="*", help="extra readout.fit arguments, e.g. --trainer.max_epochs=1"
     )
     args = parser.parse_args(argv)
-    size = load_classifier("synthetic-cnn").input_size
+    size = load_classifier(args.classifier).input_size
     started = time.perf_counter()
     data = Path(args.data)
     ensure_shards(data / "train", args.train_samples, TRAIN_SEED, size)
     ensure_shards(data / "val", 1000, VAL_SEED, size)
     print(f"synthetic shards in {data} ({time.perf_counter() - started:.0f} s)")
-    print(f"shipped synthetic-cnn: top-1 {classifier_accuracy(data / 'val', size):.3f} on {data / 'val'}")
+    accuracy = classifier_accuracy(args.classifier, data / "val", size)
+    print(f"{args.classifier}: top-1 {accuracy:.3f} on {data / 'val'}")
 
     from readout.fit import main as fit  # Lightning is imported only when training
 
-    fit(["--config", args.config, "--export_dir", args.bundle, *args.overrides])
+    fit(
+        [
+            "--config",
+            args.config,
+            "--export_dir",
+            args.bundle,
+            "--model.classifier",
+            args.classifier,
+            *args.overrides,
+        ]
+    )
     report = held_out_report(args.bundle, Path(args.out), args.held_out, size, pictures=8)
     report["minutes"] = (time.perf_counter() - started) / 60
     Path(args.out, "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -3,6 +3,9 @@
 #
 #   CONFIG=configs/resnet50.yaml RUN_DIR=runs/r50-a sbatch slurm/train_readout.sh --trainer.max_epochs 12
 #   sbatch --nodes=4 --time=48:00:00 slurm/train_readout.sh      # sbatch options beat the headers below
+#   CONFIG=configs/custom.yaml PYTHONPATH=$PWD sbatch slurm/train_readout.sh \
+#       --model.classifier my_package.models:build --model.weights_path my-weights.safetensors
+#                                                                 # your own classifier (README)
 #
 # Environment (all optional):
 #   CONFIG         the readout.fit config (default configs/resnet50.yaml)

@@ -326,3 +326,25 @@ def test_vgg16_computes_what_torchvision_computes(tmp_path: Path) -> None:
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), reference(classifier.normalize(images)))
+
+
+@pytest.mark.parametrize(
+    "name", ["synthetic-cnn", "resnet18", "mobilenet_v3_small", "readout.backbones:SyntheticCNN"]
+)
+def test_save_then_load_round_trips_every_kind_of_source(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 3} if ":" in name else None
+    classifier = load_classifier(name, weights=None, input_size=32, classes=["a", "b", "c"], kwargs=kwargs)
+    save_classifier(classifier, tmp_path / "saved", {})
+    allow = ":" in name
+    loaded = load_classifier(str(tmp_path / "saved.safetensors"), allow_import=allow)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), classifier(images))
+    assert (loaded.classes, loaded.input_size, loaded.source) == (classifier.classes, 32, classifier.source)
+    given = load_saved_classifier(tmp_path / "saved.safetensors", model=classifier.model)
+    torch.testing.assert_close(given(images), classifier(images))
+
+
+def test_a_classifier_built_from_a_module_alone_cannot_be_saved(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="records no way to rebuild it"):
+        save_classifier(Classifier(models.resnet18(num_classes=3), classes=3), tmp_path / "x", {})

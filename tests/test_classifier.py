@@ -146,3 +146,9 @@ def test_the_classifier_is_frozen_and_in_eval_mode_whatever_its_module_was() -> 
     classifier.train()
     assert not any(module.training for module in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_classes_that_do_not_match_the_logits_are_refused() -> None:
+    classifier = Classifier(models.resnet18(num_classes=6), input_size=64, classes=1000, name="mine")
+    with pytest.raises(ValueError, match=r"'mine' gives \(1, 6\) .* not logits \(1, 1000\)"):
+        classifier.tap_info(["layer1"])

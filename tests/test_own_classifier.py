@@ -125,3 +125,35 @@ def test_readout_fit_trains_a_readout_for_a_model_named_by_import_path(package: 
         heatmaps = attributor(torch.rand(2, 3, 32, 32))
         assert heatmaps.shape == (2, 32, 32) and bool(torch.isfinite(heatmaps).all())
         assert not attributor.split.traced
+
+
+def test_the_readme_code_for_your_own_classifier_runs() -> None:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Your own classifier") :]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start : section.index("```", start)]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (the project's own README)
+    assert namespace["heatmaps"].shape == (2, 64, 64) and namespace["relevance"].shape == (2, 64, 64)
+    assert namespace["per_sample"].split.traced
+
+
+def test_explain_takes_a_torchvision_name_and_estimates_from_a_folder_of_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from readout.explain import main as explain
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for i in range(6):
+        pixels = (torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    argv = ["--classifier", "resnet18", "--weights", "none", "--classes", "6", "--input-size", "32",
+            "--estimate-images", str(folder / "*.png"), "--estimate-samples", "7", "--steps", "2",
+            "--copies", "2", "--images", str(folder / "0.png"), "--out", str(tmp_path / "out"),
+            "--cache", str(tmp_path / "cache"), "--device", "cpu"]  # fmt: skip
+    assert explain(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert list(summary["images"]) == ["0"] and (tmp_path / "out" / "0.npy").is_file()
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # μ/σ cached for the next run
