@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from readout.bottleneck import FeatureStatistics, InformationBottleneck
-from readout.classifier import Classifier
+from readout.classifier import Classifier, as_classifier
 from readout.split import Split
 
 #: How far outside [0, 1] image values may lie (rounding of resizes and dtype casts).
@@ -89,13 +89,14 @@ class BottleneckAttributor(nn.Module):
 
     def __init__(
         self,
-        classifier: Classifier,
+        classifier: Classifier | nn.Module,
         layer: str,
         sigma: float = 1.0,
         min_std: float = 0.01,
         active_threshold: float = 0.01,
     ) -> None:
         super().__init__()
+        classifier = as_classifier(classifier)
         self.classifier = classifier
         self.layer = layer
         (info,) = classifier.tap_info([layer])

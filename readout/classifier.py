@@ -69,7 +69,8 @@ class Classifier(nn.Module):
             the layer after it.
         mean, std: the normalisation, per colour channel.
         input_size: the side S of the square images the model takes.
-        classes: class names, or their number (names are then "0", "1", ...).
+        classes: class names, or their number (names are then "0", "1", ...); None counts the
+            logits of one dry run.
         name: for messages and bundles.
         aliases: extra layer names, alias -> module path.
         defaults: the default layers; None applies :func:`default_layers`'s rule.
@@ -90,7 +91,7 @@ class Classifier(nn.Module):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         input_size: int = 224,
-        classes: int | Sequence[str] = 1000,
+        classes: int | Sequence[str] | None = None,
         name: str = "custom",
         aliases: dict[str, str] | None = None,
         defaults: LayerDefaults | None = None,
@@ -109,7 +110,8 @@ class Classifier(nn.Module):
                 setattr(module, "inplace", False)  # noqa: B010 (not declared on nn.Module)
         self.name = name
         self.input_size = int(input_size)
-        self.classes = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
+        self.classes: list[str] = []
+        self._runs: dict[int, dict[str, _Run]] = {}
         self.aliases = {LOGITS: "", **(aliases or {})}
         self._defaults = defaults
         self.source = source
@@ -121,9 +123,14 @@ class Classifier(nn.Module):
         )
         self.requires_grad_(False)
         self.eval()
+        if classes is None:
+            output = _dry_run(self, self.input_size)[""].shapes[-1]
+            if output is None or len(output) != 2:
+                raise ValueError(f"classifier {name!r} gives {output or 'no tensor'}, not logits (B, K)")
+            classes = output[1]
+        self.classes = [str(i) for i in range(classes)] if isinstance(classes, int) else list(classes)
         # Not submodules: the splits share the model's modules, and state dicts must hold them once.
         self._splits: dict[str, Split] = {}
-        self._runs: dict[int, dict[str, _Run]] = {}
 
     def train(self, mode: bool = True) -> Classifier:
         return super().train(False)
@@ -234,6 +241,12 @@ class Classifier(nn.Module):
             h, w = (shape[2], shape[3]) if spatial else (1, 1)
             infos.append(TapInfo(name, path, shape[1], h, w, max(1, size // h), spatial))
         return infos
+
+
+def as_classifier(classifier: Classifier | nn.Module) -> Classifier:
+    """``classifier`` itself, or a plain module wrapped with ImageNet's preprocessing (224 px), its
+    classes counted from its logits; wrap it yourself for another normalisation or size."""
+    return classifier if isinstance(classifier, Classifier) else Classifier(classifier)
 
 
 def tap_info(classifier: Classifier, layers: Sequence[str], input_size: int | None = None) -> list[TapInfo]:

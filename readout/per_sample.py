@@ -19,7 +19,7 @@ from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation
 from readout.bottleneck import LN2, information_map
-from readout.classifier import Classifier
+from readout.classifier import Classifier, as_classifier
 from readout.split import folded_copy
 
 
@@ -37,7 +37,7 @@ class PerSample(BottleneckAttributor):
 
     def __init__(
         self,
-        classifier: Classifier,
+        classifier: Classifier | nn.Module,
         layer: str | None = None,
         beta: float = 10.0,
         steps: int = 10,
@@ -50,6 +50,7 @@ class PerSample(BottleneckAttributor):
         seed: int | None = None,
         fuse: bool = True,
     ) -> None:
+        classifier = as_classifier(classifier)
         layer = layer or classifier.defaults.per_sample_layer
         super().__init__(classifier, layer, sigma, min_std, active_threshold)
         if beta <= 0:

@@ -15,7 +15,7 @@ from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation, checked_target
 from readout.bottleneck import LN2, FeatureStatistics, information_map
-from readout.classifier import Classifier
+from readout.classifier import Classifier, as_classifier
 from readout.readout_net import ReadoutNet
 from readout.taps import FeatureTaps
 
@@ -32,7 +32,7 @@ class ReadoutBottleneck(BottleneckAttributor):
 
     def __init__(
         self,
-        classifier: Classifier,
+        classifier: Classifier | nn.Module,
         layer: str | None = None,
         taps: list[str] | None = None,
         sigma: float = 1.0,
@@ -40,6 +40,7 @@ class ReadoutBottleneck(BottleneckAttributor):
         active_threshold: float = 0.01,
         init_alpha: float = 5.0,
     ) -> None:
+        classifier = as_classifier(classifier)
         layer = layer or classifier.defaults.readout_layer
         super().__init__(classifier, layer, sigma, min_std, active_threshold)
         self.taps = list(taps or classifier.defaults.readout_taps)

@@ -152,3 +152,16 @@ def test_classes_that_do_not_match_the_logits_are_refused() -> None:
     classifier = Classifier(models.resnet18(num_classes=6), input_size=64, classes=1000, name="mine")
     with pytest.raises(ValueError, match=r"'mine' gives \(1, 6\) .* not logits \(1, 1000\)"):
         classifier.tap_info(["layer1"])
+
+
+def test_per_sample_takes_a_plain_module_with_imagenet_preprocessing() -> None:
+    import readout
+
+    torch.manual_seed(0)
+    attributor = readout.PerSample(models.resnet18(num_classes=5), layer="layer2", steps=1, copies=1)
+    assert attributor.classifier.num_classes == 5 and attributor.classifier.input_size == 224
+    torch.testing.assert_close(attributor.classifier.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    attributor.estimate([torch.rand(2, 3, 224, 224)], progress=False)
+    assert attributor(torch.rand(1, 3, 224, 224)).shape == (1, 224, 224)
+    readout_bottleneck = readout.ReadoutBottleneck(models.resnet18(num_classes=5))
+    assert readout_bottleneck.layer == "layer1"
