@@ -37,7 +37,6 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from readout.backbones import load_classifier
-from readout.classifier import Classifier
 from readout.lit import ReadoutModule
 from readout.per_sample import PerSample
 from readout.reference import straightforward_heatmaps
@@ -101,17 +100,9 @@ def bench_per_sample(args: argparse.Namespace) -> list[dict]:
             images = torch.rand(batch, 3, size, size, device=device)
             attributor.estimate([torch.rand(8, 3, size, size, device=device)], progress=False)
             own.load_state_dict(attributor.state_dict())
-            hooked_classifier = Classifier(
-                classifier.model,
-                classifier.mean.flatten().tolist(),
-                classifier.std.flatten().tolist(),
-                size,
-                classifier.classes,
-                name=classifier.name,
-                aliases=classifier.aliases,
-                split="hook",
-            ).to(device)
-            hooked = PerSample(hooked_classifier, attributor.layer, steps=args.steps, copies=args.copies)
+            hooked = PerSample(
+                classifier.with_split("hook"), attributor.layer, steps=args.steps, copies=args.copies
+            )
             hooked.load_state_dict(attributor.state_dict())
             target = torch.zeros(batch, dtype=torch.long, device=device)
             noise = torch.randn(args.steps, batch, args.copies, *attributor.shape, device=device)

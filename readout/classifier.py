@@ -139,6 +139,21 @@ class Classifier(nn.Module):
         self._splits.clear()  # a traced graph may hold tensors of its own; rebuild it after a move
         return super()._apply(fn, recurse)
 
+    def with_split(self, split: Literal["auto", "hook"]) -> Classifier:
+        """The same classifier (the same module, not a copy) with another ``split`` mode."""
+        return Classifier(
+            self.model,
+            self.mean.flatten().tolist(),
+            self.std.flatten().tolist(),
+            self.input_size,
+            self.classes,
+            self.name,
+            {name: path for name, path in self.aliases.items() if name != LOGITS},
+            self._defaults,
+            self.source,
+            split,
+        ).to(self.mean.device)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

@@ -35,17 +35,7 @@ FAMILIES = {
 def random_classifier(name: str, split: str = "auto") -> Classifier:
     torch.manual_seed(0)
     classifier = load_classifier(name, weights=None, input_size=SIZE, classes=6)
-    if split == "auto":
-        return classifier
-    return Classifier(
-        classifier.model,
-        classifier.mean.flatten().tolist(),
-        classifier.std.flatten().tolist(),
-        SIZE,
-        classifier.classes,
-        name=name,
-        split="hook",
-    )
+    return classifier if split == "auto" else classifier.with_split("hook")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
