@@ -188,14 +188,15 @@ def load(
 def _rebuild(spec: dict[str, Any], url: str, allow_import: bool) -> Classifier:
     """The bundle's classifier from its record (see :func:`readout.backbones.load_classifier`)."""
     source = spec.get("source") or {}
-    if "import" in source and not allow_import:
+    target = str(source.get("import") or spec["name"])
+    if is_import_path(target) and not allow_import:
         raise ValueError(
-            f"the bundle {url} names the import path {source['import']!r} for its classifier; readout "
+            f"the bundle {url} names the import path {target!r} for its classifier; readout "
             "never imports code named in a file: pass classifier=your_module, or allow_import=True "
             "(--allow-import) if you trust the bundle"
         )
     return load_classifier(
-        source.get("import", spec["name"]),
+        target,
         weights=spec.get("weights"),
         weights_path=spec.get("weights_path"),
         input_size=spec["input_size"],

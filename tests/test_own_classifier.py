@@ -157,3 +157,17 @@ def test_explain_takes_a_torchvision_name_and_estimates_from_a_folder_of_images(
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert list(summary["images"]) == ["0"] and (tmp_path / "out" / "0.npy").is_file()
     assert len(list((tmp_path / "cache").iterdir())) == 1  # μ/σ cached for the next run
+
+
+def test_a_bundle_cannot_smuggle_an_import_path_in_its_classifier_name(tmp_path: Path) -> None:
+    import shutil
+
+    from readout.resources import shipped
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shipped("readout-demo"), bundle)
+    config = json.loads((bundle / "readout.json").read_text())
+    config["classifier"]["name"] = "os:system"  # the source still says builtin
+    (bundle / "readout.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="names the import path 'os:system'.*never imports"):
+        readout.load(bundle)
