@@ -423,15 +423,21 @@ def _registry_entry(source: dict[str, Any]) -> Entry | None:
     return entry(name) if name else None
 
 
+def refuse_import(target: str, where: str, allow_import: bool) -> None:
+    """Raises ValueError when ``where`` (a file) names the import path ``target`` and the caller has
+    not allowed it: a file never makes readout import code."""
+    if is_import_path(target) and not allow_import:
+        raise ValueError(
+            f"{where} names the import path {target!r} for its classifier. readout never imports code "
+            "named in a file: pass the module yourself (classifier=/model=), or allow_import=True "
+            "(--allow-import) if you trust the file"
+        )
+
+
 def build_from_source(source: dict[str, Any], where: str, allow_import: bool = False) -> nn.Module:
     """A randomly initialised module from a recorded source; an import path only with ``allow_import``."""
     if "import" in source:
-        if not allow_import:
-            raise ValueError(
-                f"{where} names the import path {source['import']!r} for its classifier. readout never "
-                "imports code named in a file: pass the module yourself (classifier=/model=), or "
-                "allow_import=True (--allow-import) if you trust the file"
-            )
+        refuse_import(source["import"], where, allow_import)
         return import_callable(source["import"])(**source.get("kwargs", {}))
     name = source.get("builtin") or source.get("torchvision")
     if not isinstance(name, str):

@@ -29,6 +29,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LOGITS = "logits"
 
 
+def out_of_place(module: nn.Module) -> nn.Module:
+    """``module`` with every in-place operation under it made out of place (the same values): a
+    recorded output is then never overwritten by the layer after it, nor a hooked one by autograd."""
+    for child in module.modules():
+        if getattr(child, "inplace", False):
+            setattr(child, "inplace", False)  # noqa: B010 (not declared on nn.Module)
+    return module
+
+
 @dataclass(frozen=True)
 class LayerDefaults:
     """The layers a classifier uses unless told otherwise (names: module paths or aliases)."""
@@ -104,10 +113,7 @@ class Classifier(nn.Module):
         self.split_mode = split
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"normalisation needs 3 means and 3 positive stds, got mean={mean}, std={std}")
-        self.model = model
-        for module in model.modules():
-            if getattr(module, "inplace", False):
-                setattr(module, "inplace", False)  # noqa: B010 (not declared on nn.Module)
+        self.model = out_of_place(model)
         self.name = name
         self.input_size = int(input_size)
         self.classes: list[str] = []

@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from readout.backbones import is_import_path, load_classifier
+from readout.backbones import load_classifier, refuse_import
 from readout.classifier import Classifier
 from readout.readout_bottleneck import ReadoutBottleneck
 
@@ -189,12 +189,7 @@ def _rebuild(spec: dict[str, Any], url: str, allow_import: bool) -> Classifier:
     """The bundle's classifier from its record (see :func:`readout.backbones.load_classifier`)."""
     source = spec.get("source") or {}
     target = str(source.get("import") or spec["name"])
-    if is_import_path(target) and not allow_import:
-        raise ValueError(
-            f"the bundle {url} names the import path {target!r} for its classifier; readout "
-            "never imports code named in a file: pass classifier=your_module, or allow_import=True "
-            "(--allow-import) if you trust the bundle"
-        )
+    refuse_import(target, f"the bundle {url}", allow_import)
     return load_classifier(
         target,
         weights=spec.get("weights"),
@@ -214,12 +209,7 @@ def export_checkpoint(checkpoint: str, out: str, allow_import: bool = False) -> 
     state = read_checkpoint(checkpoint)
     # LightningCLI adds its own keys (``_instantiator``, ``_class_path``) to the hyper-parameters.
     hparams = {k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")}
-    named = str(hparams.get("classifier", ""))
-    if is_import_path(named) and not allow_import:
-        raise ValueError(
-            f"{checkpoint} names the import path {named!r} for its classifier; readout never imports "
-            "code named in a file: pass --allow-import if you trust the checkpoint"
-        )
+    refuse_import(str(hparams.get("classifier", "")), checkpoint, allow_import)
     module = ReadoutModule(**hparams)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"])

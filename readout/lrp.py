@@ -60,6 +60,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
 
 from readout.canonizers import PASS_TYPES, canonizers_for, unsupported_modules
+from readout.classifier import out_of_place
 
 #: Parameters the rules treat as zero while redistributing relevance (never in the forward pass).
 ZERO_PARAMS = ["bias"]
@@ -231,12 +232,6 @@ def first_layer(composite: Composite, module: nn.Module) -> str | None:
     return None
 
 
-def _out_of_place(module: nn.Module) -> None:
-    for child in module.modules():
-        if hasattr(child, "inplace"):
-            setattr(child, "inplace", False)  # noqa: B010 (the attribute is not declared on nn.Module)
-
-
 class _Stop(Exception):
     """Ends the forward pass once the layer's output is known."""
 
@@ -267,7 +262,7 @@ class RelevancePropagator(nn.Module):
         self.composite_name, self.canonizer_name = composite, canonizer
         self.module = copy.deepcopy(module)
         self.layer = layer or ""
-        _out_of_place(self.module)
+        out_of_place(self.module)
         self.module.requires_grad_(False)
         self.register_buffer("low", low.detach().clone(), persistent=False)
         self.register_buffer("high", high.detach().clone(), persistent=False)

@@ -71,7 +71,7 @@ from captum.attr import (
 from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation
-from readout.classifier import LOGITS, Classifier
+from readout.classifier import LOGITS, Classifier, out_of_place
 from readout.explain import DEFAULT_CACHE, with_cached_statistics
 from readout.export import load, readout_state
 from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
@@ -131,9 +131,7 @@ def content_seed(tensor: torch.Tensor, salt: int = 0) -> int:
 def private_copy(classifier: Classifier) -> Classifier:
     """A deep copy of the classifier with every in-place operation out-of-place, for hooking methods."""
     model = copy.deepcopy(classifier)
-    for module in model.modules():
-        if getattr(module, "inplace", False):
-            setattr(module, "inplace", False)  # noqa: B010 (not declared on nn.Module)
+    out_of_place(model)
     return model
 
 

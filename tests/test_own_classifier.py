@@ -171,3 +171,12 @@ def test_a_bundle_cannot_smuggle_an_import_path_in_its_classifier_name(tmp_path:
     (bundle / "readout.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="names the import path 'os:system'.*never imports"):
         readout.load(bundle)
+
+
+def test_export_of_a_checkpoint_naming_an_import_path_needs_allow_import(tmp_path: Path) -> None:
+    from readout.export import export_checkpoint
+
+    path = tmp_path / "foreign.ckpt"
+    torch.save({"hyper_parameters": {"classifier": "os:system"}, "state_dict": {}}, path)
+    with pytest.raises(ValueError, match=r"foreign\.ckpt names the import path 'os:system'.*never imports"):
+        export_checkpoint(str(path), str(tmp_path / "bundle"))
