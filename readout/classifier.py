@@ -2,8 +2,9 @@
 
 A :class:`Classifier` wraps a module that maps normalised images (B, 3, H, W) to logits (B, K) with
 what the module itself does not know: its normalisation, input size and class names. Layers are
-named by their module path in the model (``layer2``, ``features.16``, ``blocks.4.conv``); a registry
-entry may add aliases (the paper's ``conv3_4`` for resnet50's ``layer2.3``), and ``logits`` always
+named by their module path in the model (``layer2``, ``features.16``, ``blocks.4.conv``) or by
+torchvision's graph node names (``layer1.0.add``, :mod:`readout.graph_nodes`); a registry entry may add
+aliases (the paper's ``conv3_4`` for resnet50's ``layer2.3``), and ``logits`` always
 names the model's output. Each tap's channels and stride come from one dry run of a zero image
 (:meth:`Classifier.tap_info`, timm's ``feature_info`` in spirit), and a model without registry
 defaults gets its bottleneck layer and readout taps by :func:`default_layers`'s rule.
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from readout.graph_nodes import with_node_taps
 from readout.split import HookedSplit, Split, split_at
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -114,6 +116,8 @@ class Classifier(nn.Module):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"normalisation needs 3 means and 3 positive stds, got mean={mean}, std={std}")
         self.model = out_of_place(model)
+        self._own_model = self.model  # self.model gains identities where graph nodes are tapped
+        self._node_taps: list[str] = []
         self.name = name
         self.input_size = int(input_size)
         self.classes: list[str] = []
@@ -147,8 +151,8 @@ class Classifier(nn.Module):
 
     def with_split(self, split: Literal["auto", "hook"]) -> Classifier:
         """The same classifier (the same module, not a copy) with another ``split`` mode."""
-        return Classifier(
-            self.model,
+        clone = Classifier(
+            self._own_model,
             self.mean.flatten().tolist(),
             self.std.flatten().tolist(),
             self.input_size,
@@ -159,6 +163,9 @@ class Classifier(nn.Module):
             self.source,
             split,
         ).to(self.mean.device)
+        for node in self._node_taps:
+            clone.resolve(node)
+        return clone
 
     @property
     def num_classes(self) -> int:
@@ -185,18 +192,34 @@ class Classifier(nn.Module):
     def resolve(self, layer: str) -> str:
         """The module path of ``layer`` (an alias or a module path); unknown names list the named ones."""
         path = self.aliases.get(layer, layer)
-        if path in self._paths():
+        if path in self._paths() or self._tap_graph_node(path):
             return path
         close = difflib.get_close_matches(layer, list(dict.fromkeys([*self.aliases, *self._paths()])), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KeyError(
             f"unknown layer {layer!r} for classifier {self.name!r}{hint}; valid layers: "
-            f"{', '.join(self.layer_names())}, or any module path of the model"
+            f"{', '.join(self.layer_names())}, or any module path or torchvision graph node name "
+            "of the model (torchvision.models.feature_extraction.get_graph_node_names)"
         )
+
+    def _tap_graph_node(self, name: str) -> bool:
+        """Makes the graph node ``name`` a module path of ``self.model`` (:mod:`readout.graph_nodes`);
+        False if it is none. ``self.model`` is then made anew from the user's module with every node
+        named so far: modules looked up before (to hook them) may no longer be the ones that run, so
+        callers resolve all their layers first, as :class:`readout.taps.FeatureTaps` does."""
+        model = with_node_taps(self._own_model, [*self._node_taps, name])
+        if model is None:
+            return False
+        self._node_taps.append(name)
+        self.model = model
+        self._runs.clear()
+        self._splits.clear()
+        return True
 
     def module(self, layer: str) -> nn.Module:
         """The module whose output is the tap ``layer``."""
-        return self.model.get_submodule(self.resolve(layer))
+        path = self.resolve(layer)  # first: naming a graph node gives self.model a module more
+        return self.model.get_submodule(path)
 
     def _paths(self) -> dict[str, nn.Module]:
         return dict(self.model.named_modules())
@@ -241,10 +264,10 @@ class Classifier(nn.Module):
         """Shapes of the given taps, from the dry run; a layer that runs more than once, or whose
         output is not a tensor, is a ValueError naming it."""
         size = input_size or self.input_size
+        paths = [self.resolve(name) for name in layers]  # before the dry run: a graph node adds a module
         runs = self.runs(size)
         infos = []
-        for name in layers:
-            path = self.resolve(name)
+        for name, path in zip(layers, paths, strict=True):
             run = runs.get(path)
             calls = 0 if run is None else len(run.shapes)
             if calls != 1:

@@ -32,6 +32,9 @@ class FeatureTaps(AbstractContextManager["FeatureTaps"]):
     """
 
     def __init__(self, classifier: Classifier, layers: Iterable[str]) -> None:
+        layers = list(layers)
+        for name in layers:  # all names first: a graph node's name rebuilds the classifier's model
+            classifier.resolve(name)
         self.modules = {name: tap_module(classifier, name) for name in layers}
         self.features: dict[str, torch.Tensor] = {}
         self.handles: list[RemovableHandle] = []
