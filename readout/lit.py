@@ -62,6 +62,10 @@ class ReadoutModule(pl.LightningModule):
             for resnet50, else the end of the stride-4 stage).
         taps: the readout's layers (default: the classifier's).
         beta: β·k, the numerator of β = beta/k with k = h·w·c of the bottleneck.
+        beta_warmup_steps: β ramps linearly from 0 to its value over this many optimiser steps (0:
+            the full β from the first step); logged as ``train/beta``. A readout that starts at the
+            full β can lose the class before it learns where it is, and collapse (λ → 0).
+        lr_warmup_steps: the learning rate ramps linearly from 0 to ``lr`` over this many steps.
         sigma: smoothing σ_s of λ.
         lr: Adam's learning rate for the readout net.
         min_std: floor of σ in the bottleneck and in the readout's normalisation.
@@ -90,6 +94,8 @@ class ReadoutModule(pl.LightningModule):
         layer: str | None = None,
         taps: list[str] | None = None,
         beta: float = 10.0,
+        beta_warmup_steps: int = 0,
+        lr_warmup_steps: int = 0,
         sigma: float = 1.0,
         lr: float = 1e-5,
         min_std: float = 0.01,
@@ -107,6 +113,11 @@ class ReadoutModule(pl.LightningModule):
             raise ValueError(f"model.beta must be > 0 (β = beta/k), got {beta}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if beta_warmup_steps < 0 or lr_warmup_steps < 0:
+            raise ValueError(
+                f"model.beta_warmup_steps and model.lr_warmup_steps must be >= 0, got "
+                f"{beta_warmup_steps} and {lr_warmup_steps}"
+            )
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters()
@@ -153,11 +164,24 @@ class ReadoutModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------------
     # Steps
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.attributor.net.parameters(), lr=self.hparams["lr"])
+    def configure_optimizers(self) -> Any:
+        optimiser = torch.optim.Adam(self.attributor.net.parameters(), lr=self.hparams["lr"])
+        warmup = self.hparams.get("lr_warmup_steps", 0)
+        if not warmup:
+            return optimiser
+        # Step s (0-based) trains at lr·(s + 1)/warmup until the full lr: no step at lr 0.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimiser, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def current_beta(self) -> float:
+        """β·k at this step: ``beta``, ramped linearly from 0 over ``beta_warmup_steps`` steps."""
+        warmup = self.hparams.get("beta_warmup_steps", 0)
+        ramp = min(1.0, self.global_step / warmup) if warmup else 1.0
+        return float(self.hparams["beta"]) * ramp
 
     def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Loss = CE(classifier after the bottleneck, label) + β/k·Σ KL, mean over the batch."""
+        """Loss = CE(classifier after the bottleneck, label) + β/k·Σ KL, mean over the batch (β of
+        :meth:`current_beta`)."""
         images, labels = batch["image"], batch["label"]
         if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -168,7 +192,7 @@ class ReadoutModule(pl.LightningModule):
         logits_bottleneck = self.attributor.logits_after(z, images)
         ce = F.cross_entropy(logits_bottleneck, labels)
         information = kl.flatten(1).sum(1)
-        loss = ce + self.hparams["beta"] / self.attributor.k * information.mean()
+        loss = ce + self.current_beta() / self.attributor.k * information.mean()
         return {
             "loss": loss,
             "ce": ce,
@@ -205,6 +229,8 @@ class ReadoutModule(pl.LightningModule):
                 "train/bits_per_image": out["bits"],
                 "train/top1": (out["logits"].argmax(1) == labels).float().mean(),
                 "train/top1_bottleneck": (out["logits_bottleneck"].argmax(1) == labels).float().mean(),
+                "train/beta": self.current_beta(),
+                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             },
             batch_size=size,
             prog_bar=False,
@@ -217,7 +243,6 @@ class ReadoutModule(pl.LightningModule):
         elapsed = time.perf_counter() - self._step_started
         size = len(batch["label"]) * self.trainer.world_size
         self.log("train/images_per_s", size / max(elapsed, 1e-9), batch_size=size)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), batch_size=size)
         every = self.hparams["heatmap_every_n_steps"]
         if every and self.global_step % every == 0 and self.fixed_images is not None:
@@ -298,8 +323,8 @@ class ReadoutModule(pl.LightningModule):
         message = (
             f"the readout bottleneck has collapsed: top-1 through the bottleneck is {noisy:.3f} against "
             f"{clean:.3f} without it (chance {chance:.3f}). The information penalty wins over the "
-            f"classification loss: lower model.beta (configs/demo.yaml uses 3 on the synthetic set, "
-            f"not the paper's 10) or model.lr."
+            f"classification loss: ramp β up (model.beta_warmup_steps), lower model.beta (configs/demo.yaml "
+            f"uses 3 on the synthetic set, not the paper's 10) or model.lr."
         )
         rank_zero_warn(message)
         if self.hparams["collapse"] == "stop":
