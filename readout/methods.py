@@ -277,13 +277,17 @@ def _per_sample_base(
     steps: int,
     copies: int,
     seed: int,
+    sigma: float = 1.0,
 ) -> SharedExplanation:
     def build() -> BottleneckAttributor:
-        attributor = PerSample(classifier, layer=layer, beta=beta, steps=steps, copies=copies, seed=seed)
+        attributor = PerSample(
+            classifier, layer=layer, beta=beta, steps=steps, copies=copies, sigma=sigma, seed=seed
+        )
         context.estimate(attributor)
         return attributor.to(classifier.mean.device)
 
-    return context.base(classifier, ("per-sample", layer, beta, steps, copies, seed), build, seed)
+    key = ("per-sample", layer, beta, steps, copies, seed, sigma)
+    return context.base(classifier, key, build, seed)
 
 
 def per_sample(
@@ -294,9 +298,11 @@ def per_sample(
     steps: int = 10,
     copies: int = 10,
     seed: int = 0,
+    sigma: float = 1.0,
 ) -> Attributor:
-    """Per-Sample Bottleneck at ``layer`` (default: the registry's) with β = ``beta``/k; bits per pixel."""
-    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed)
+    """Per-Sample Bottleneck at ``layer`` (default: the registry's) with β = ``beta``/k and the mask's
+    smoothing σ_s = ``sigma`` (bottleneck cells); bits per pixel."""
+    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma)
     return lambda images, target=None: base.explain(images, target).heatmap
 
 
@@ -334,9 +340,10 @@ def relevance_per_sample(
     canonizer: str | None = None,
     injection: str = "information",
     mask_dead: bool = False,
+    sigma: float = 1.0,
 ) -> Attributor:
     """Relevance-IBA on a Per-Sample fit (the same fit as a ``per-sample`` row with equal options)."""
-    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed)
+    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma)
     options = {"composite": composite, "canonizer": canonizer, "injection": injection, "mask_dead": mask_dead}
     return _relevance(base, options)
 
