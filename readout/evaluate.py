@@ -64,12 +64,14 @@ from readout.methods import (
     options_of,
 )
 from readout.metrics import (
+    LOCALISATION_SCORES,
     Degradation,
     Localisation,
     Randomisation,
     SensitivityN,
     correlations_from_drops,
     degradation_curves,
+    localisation_scores,
     log_spaced_counts,
     num_tiles,
     randomisation_curve,
@@ -79,12 +81,16 @@ from readout.metrics import (
     top1_probability,
 )
 from readout.metrics.chunks import logits_of
+from readout.metrics.degradation import image_areas
+from readout.metrics.paired import ImageScores, key_hashes, paired_differences
 from readout.metrics.randomisation import cascading_randomisation
 from readout.metrics.tiles import Baseline
 from readout.split import folded_copy
 
 #: Bump when the meaning of cached states changes: older cache files are then ignored.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: per-image scores for paired differences
+#: The prefix of the per-image states of a row (not reported as rows' scores).
+PER_IMAGE = "images/"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,6 +235,9 @@ class EvalConfig:
     randomisation: RandomisationConfig = field(default_factory=RandomisationConfig)
     target: Literal["label", "predicted"] = "label"
     """Class explained and scored: the label, or the classifier's top-1."""
+    reference: str | None = None
+    """The row every other row is compared with image by image (mean ± standard error of the
+    per-image differences, in ``results.md`` and ``results.json``); null: the first row."""
     plot_images: int = 6
     """Images in ``heatmaps.png``."""
     device: str = "cpu"
@@ -262,6 +271,8 @@ class EvalConfig:
             raise ValueError(
                 f"degradation.tiles must be positive tile sides in px, got {self.degradation.tiles}"
             )
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"reference: no row is named {self.reference!r}; the rows: {names}")
         unknown = sorted(set(self.randomisation.methods or []) - set(names))
         if unknown:
             raise ValueError(f"randomisation.methods names rows that do not exist: {unknown}")
@@ -328,6 +339,10 @@ class RowMetrics:
         }
         for tile in config.degradation.tiles:
             self.metrics[f"degradation-{tile}"] = Degradation(num_tiles(height, width, tile))
+        # Per-image scores by image key, for the paired differences between rows.
+        self.metrics[f"{PER_IMAGE}localisation"] = ImageScores(len(LOCALISATION_SCORES))
+        for tile in config.degradation.tiles:
+            self.metrics[f"{PER_IMAGE}degradation-{tile}"] = ImageScores(1)
         if config.sensitivity.fraction > 0:
             total = num_tiles(height, width, config.sensitivity.tile)
             ns = log_spaced_counts(total, config.sensitivity.points, config.sensitivity.max_fraction)
@@ -345,7 +360,7 @@ class RowMetrics:
 
     def states(self) -> dict[str, torch.Tensor]:
         tensors = {
-            f"{name}/{state}": getattr(metric, state).detach().cpu().contiguous()
+            f"{name}/{state}": _state_tensor(metric, state).detach().cpu().contiguous()
             for name, metric in self.metrics.items()
             for state in metric._defaults
         }
@@ -371,9 +386,16 @@ class RowMetrics:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             for name, metric in self.metrics.items():
-                states = {state: handle.get_tensor(f"{name}/{state}") for state in metric._defaults}
+                states = {
+                    state: handle.get_tensor(f"{name}/{state}").to(metric.device)
+                    for state in metric._defaults
+                }
+                # A list state (per-image scores) merges a list: the file's rows after this one's.
                 metric.merge_state(
-                    {state: value.to(getattr(metric, state).device) for state, value in states.items()}
+                    {
+                        state: [value] if isinstance(getattr(metric, state), list) else value
+                        for state, value in states.items()
+                    }
                 )
             if "examples" in handle.keys() and self.examples is None:
                 self.examples = handle.get_tensor("examples")
@@ -389,6 +411,11 @@ class RowMetrics:
         self.images += other.images
         if self.examples is None:
             self.examples = other.examples
+
+
+def _state_tensor(metric: Metric, state: str) -> torch.Tensor:
+    """A metric state as one tensor (per-image scores concatenated over the batches)."""
+    return metric.state_tensor(state) if isinstance(metric, ImageScores) else getattr(metric, state)
 
 
 @dataclass(eq=False)
@@ -655,9 +682,13 @@ class Evaluation:
         if keep_examples and self.config.plot_images:
             metrics.examples = maps[: self.config.plot_images].cpu()
         data, device = batch.data, self.device
-        metrics.metrics["localisation"].update(
-            maps, data["box_mask"].to(device), data["mask"].to(device), data["has_mask"].to(device)
-        )
+        regions = (data["box_mask"].to(device), data["mask"].to(device), data["has_mask"].to(device))
+        metrics.metrics["localisation"].update(maps, *regions)
+        keys = key_hashes(list(data["key"]), device)
+        loc = self.config.localisation
+        scores = localisation_scores(maps, *regions, loc.max_box_coverage, loc.boundary_width)
+        per_image = torch.stack([scores[name] for name in LOCALISATION_SCORES], dim=1)
+        metrics.metrics[f"{PER_IMAGE}localisation"].update(keys, per_image)
         model, chunk = self.forward_model(), self.config.chunk_size
         if batch.top1 is not None:
             chosen = batch.degrade
@@ -672,6 +703,8 @@ class Evaluation:
                     chunk,
                 )
                 metrics.metrics[f"degradation-{tile}"].update(morf, lerf, batch.top1)
+                areas = image_areas(morf, lerf)[:, None]
+                metrics.metrics[f"{PER_IMAGE}degradation-{tile}"].update(keys[chosen], areas)
         if batch.drops is not None and batch.masks is not None:
             correlations = correlations_from_drops(
                 maps[batch.sensitivity], self.config.sensitivity.tile, batch.masks, batch.drops
@@ -714,7 +747,9 @@ def compute_results(evaluation: Evaluation, totals: dict[str, RowMetrics]) -> di
             warnings.filterwarnings(
                 "ignore", message=".*compute.*called before.*update", category=UserWarning
             )
-            values = results_dict(state.metrics)
+            values = results_dict(
+                {name: metric for name, metric in state.metrics.items() if not name.startswith(PER_IMAGE)}
+            )
         seconds = torch.tensor(
             [state.seconds, state.metric_seconds, float(state.images)],
             dtype=torch.float64,
@@ -732,7 +767,50 @@ def compute_results(evaluation: Evaluation, totals: dict[str, RowMetrics]) -> di
             "images": int(images),
             **values,
         }
+    add_paired_differences(evaluation, totals, rows)
     return rows
+
+
+#: The scores compared image by image: the per-image column of each, and the result it refines.
+PAIRED_LOCALISATION = ("box_ratio", "mask_ratio", "mask_mass", "boundary_sharpness")
+
+
+def add_paired_differences(
+    evaluation: Evaluation, totals: dict[str, RowMetrics], rows: dict[str, Any]
+) -> None:
+    """Adds ``paired`` to every row but the reference: per score, the mean ± standard error of the
+    per-image differences to the reference row on the images both scored (collective where
+    distributed). Degradation differences are in units of the score (divided by the reference's
+    t1 − b, the same for every row on the same images)."""
+    config = evaluation.config
+    reference = config.reference or config.methods[0].name
+    per_image = {
+        name: {
+            key[len(PER_IMAGE) :]: metric.compute()
+            for key, metric in state.metrics.items()
+            if key.startswith(PER_IMAGE)
+        }
+        for name, state in totals.items()
+    }
+    columns = {name: LOCALISATION_SCORES.index(name) for name in PAIRED_LOCALISATION}
+    for name, result in rows.items():
+        if name == reference:
+            result["paired"] = {"reference": reference}
+            continue
+        paired: dict[str, Any] = {"reference": reference}
+        local = paired_differences(per_image[name]["localisation"], per_image[reference]["localisation"])
+        for score, column in columns.items():
+            paired[score] = {part: float(local[part][column]) for part in ("mean", "se", "count")}
+        for tile in config.degradation.tiles:
+            group = f"degradation-{tile}"
+            scale = rows[reference][group]["t1"] - rows[reference][group]["b"]
+            areas = paired_differences(per_image[name][group], per_image[reference][group])
+            paired[group] = {
+                "mean": float(areas["mean"][0]) / scale,
+                "se": abs(float(areas["se"][0]) / scale),
+                "count": float(areas["count"][0]),
+            }
+        result["paired"] = paired
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -797,7 +875,39 @@ def markdown_table(config: EvalConfig, rows: dict[str, Any], size: tuple[int, in
         f"{sens_n} images. Randomisation: SSIM of the map after "
         f"re-initialising every layer to the original, {rand_n} images. s / img: attribution time only.",
     ]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + paired_table(config, rows)) + "\n"
+
+
+def _signed(part: dict[str, float]) -> str:
+    """``+0.012 ± 0.004``: a paired difference and its standard error."""
+    mean, error = part["mean"], part["se"]
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:+.3f}" + ("" if error is None or math.isnan(error) else f" ± {error:.3f}")
+
+
+def paired_table(config: EvalConfig, rows: dict[str, Any]) -> list[str]:
+    """The lines of the paired-differences table (every row against the reference), or none."""
+    reference = config.reference or config.methods[0].name
+    others = {name: r["paired"] for name, r in rows.items() if name != reference and "paired" in r}
+    if not others:
+        return []
+    tiles = config.degradation.tiles
+    header = ["Method", *[f"deg. {t}x{t} px" for t in tiles], "bbox", "mask top-n", "mask mass", "boundary"]
+    lines = [
+        "",
+        f"Paired differences to **{reference}**: the mean ± standard error of the per-image "
+        "differences (this row minus the reference) on the images both scored; a difference is "
+        "resolved where it exceeds about twice its error.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, paired in others.items():
+        cells = [name, *[_signed(paired[f"degradation-{t}"]) for t in tiles]]
+        cells += [_signed(paired[score]) for score in PAIRED_LOCALISATION]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -134,7 +134,14 @@ def test_two_ranks_give_the_results_of_one(tmp_path, classifier_path, images):
         metrics.merge(totals[1][name])
     merged = compute_results(ranks[0], totals[0])
     for name, row in expected.items():
-        for metric in ["localisation", "degradation-32", "degradation-64", "sensitivity", "randomisation"]:
+        for metric in [
+            "localisation",
+            "degradation-32",
+            "degradation-64",
+            "sensitivity",
+            "randomisation",
+            "paired",
+        ]:
             if metric in row:
                 assert _close(row[metric], merged[name][metric]), (name, metric)
 
@@ -146,11 +153,44 @@ def _close(a, b) -> bool:
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
+    if isinstance(a, str):
+        return a == b
     return a == pytest.approx(b, rel=1e-5, abs=1e-6)  # float32 maps of other batch shapes round apart
 
 
+def test_rows_are_compared_with_the_reference_image_by_image(tmp_path, classifier_path):
+    rows = (
+        "[{name: Random, method: random}, {name: Saliency, method: saliency},"
+        " {name: Random again, method: random}]"
+    )
+    extra = ["--sensitivity.fraction=0", "--randomisation.fraction=0", "--reference=Random"]
+    results = main(tiny_args(tmp_path, classifier_path, rows, extra))["rows"]
+    assert results["Random"]["paired"] == {"reference": "Random"}
+    same = results["Random again"]["paired"]
+    for score in ["box_ratio", "mask_ratio", "degradation-32", "degradation-64"]:
+        assert same[score]["mean"] == 0.0 and same[score]["se"] == 0.0, score
+    saliency, random_row = results["Saliency"], results["Random"]
+    paired = saliency["paired"]
+    # Both rows score the same images, so the mean difference is the difference of the means.
+    assert paired["box_ratio"]["count"] == random_row["localisation"]["box_ratio_count"]
+    assert paired["box_ratio"]["mean"] == pytest.approx(
+        saliency["localisation"]["box_ratio"] - random_row["localisation"]["box_ratio"]
+    )
+    assert paired["degradation-32"]["mean"] == pytest.approx(
+        saliency["degradation-32"]["score"] - random_row["degradation-32"]["score"]
+    )
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "Paired differences to **Random**" in table and "| Random again | +0.000 ± 0.000 |" in table
+    with pytest.raises(ValueError, match="reference"):
+        parse_config(tiny_args(tmp_path, classifier_path, rows, ["--reference=Nobody"]))
+
+
 def test_every_eval_config_is_shipped():
-    assert {c.stem for c in CONFIGS} == BENCHMARKS | {"synthetic-layer", "resnet18-synthetic"}
+    assert {c.stem for c in CONFIGS} == BENCHMARKS | {
+        "synthetic-layer",
+        "resnet18-synthetic",
+        "resnet18-select",
+    }
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
@@ -159,6 +199,9 @@ def test_shipped_config_parses_through_the_cli(config):
     names = [spec.name for spec in parsed.methods]
     if config.stem == "resnet18-synthetic":  # the second architecture: readout against Per-Sample
         assert [spec.method for spec in parsed.methods] == ["random", "grad-cam", "per-sample", "readout"]
+        return
+    if config.stem == "resnet18-select":  # choosing Per-Sample's settings on validation images
+        assert {spec.method for spec in parsed.methods} == {"per-sample"}
         return
     if config.stem not in BENCHMARKS:
         assert all(spec.method == "per-sample" for spec in parsed.methods[:-1])

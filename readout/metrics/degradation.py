@@ -125,6 +125,13 @@ def degradation_score(morf: torch.Tensor, lerf: torch.Tensor, top1: torch.Tensor
     return scaled_degradation(morf.mean(dim=0), lerf.mean(dim=0), top1.mean())
 
 
+def image_areas(morf: torch.Tensor, lerf: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: each image's area between its raw LeRF and MoRF curves (B, T + 1), x in [0, 1];
+    divided by t1 − b of its set it is that image's share of eq. 8's score."""
+    fraction = torch.linspace(0, 1, morf.shape[1], dtype=torch.float64, device=morf.device)
+    return torch.trapezoid(lerf.double() - morf.double(), fraction, dim=1)
+
+
 class Degradation(Metric):
     """Accumulates MoRF/LeRF curves over batches and ranks; ``compute`` gives eq. 8's scaled score.
 
@@ -166,8 +173,7 @@ class Degradation(Metric):
         self.morf_sum += morf.double().sum(dim=0)
         self.lerf_sum += lerf.double().sum(dim=0)
         self.top1_sum += top1.double().sum()
-        fraction = torch.linspace(0, 1, self.num_tiles + 1, dtype=torch.float64, device=morf.device)
-        areas = torch.trapezoid(lerf.double() - morf.double(), fraction, dim=1)
+        areas = image_areas(morf, lerf)
         self.area_sum += areas.sum()
         self.area_squares += areas.square().sum()
         self.count += top1.shape[0]
