@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from readout.backbones import load_classifier
 from readout.lit import ReadoutModule
 from readout.per_sample import PerSample
+from readout.precision import native_bf16
 from readout.reference import straightforward_heatmaps
 
 
@@ -87,46 +88,91 @@ def report(title: str, rates: dict[str, float], baseline: str, unit: str, extra:
 # ---------------------------------------------------------------------------------------------------------
 
 
+#: The bench's Per-Sample variants beyond fp32 eager: (row name, precision, compile).
+VARIANTS = {
+    "bf16": ("batched + cached, bf16 autocast", "bf16", False),
+    "compiled": ("batched + cached, compiled", "fp32", True),
+    "compiled-bf16": ("batched + cached, compiled, bf16 autocast", "bf16", True),
+}
+
+
+def _variant(
+    classifier: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+    precision: str = "fp32",
+    compile: bool = False,
+    fuse: bool = True,
+) -> PerSample:
+    return PerSample(
+        classifier,
+        steps=args.steps,
+        copies=args.copies,
+        fuse=fuse,
+        precision=precision,  # type: ignore[arg-type]
+        compile=compile,
+    ).to(device)
+
+
 def bench_per_sample(args: argparse.Namespace) -> list[dict]:
-    """Batched, cached Per-Sample Bottleneck against the straightforward one, same images and noise."""
+    """Batched, cached Per-Sample Bottleneck against the straightforward one, same images and noise;
+    with ``--variants``, also in bf16 autocast and compiled (the compile time is reported, not timed)."""
     device = torch.device(args.device)
     results = []
     for name in args.classifiers:
         classifier = load_classifier(name, weights=None).to(device)
         size = classifier.input_size
         for batch in args.batch_sizes:
-            attributor = PerSample(classifier, steps=args.steps, copies=args.copies).to(device)
-            own = PerSample(classifier, steps=args.steps, copies=args.copies, fuse=False).to(device)
+            make = partial(_variant, classifier, args, device)
+            attributor = make()
             images = torch.rand(batch, 3, size, size, device=device)
             attributor.estimate([torch.rand(8, 3, size, size, device=device)], progress=False)
+            own = make(fuse=False)
             own.load_state_dict(attributor.state_dict())
             hooked = PerSample(
-                classifier.with_split("hook"), attributor.layer, steps=args.steps, copies=args.copies
+                classifier.with_split("hook"),
+                attributor.layer,
+                steps=args.steps,
+                copies=args.copies,
+                precision="fp32",
             )
             hooked.load_state_dict(attributor.state_dict())
             target = torch.zeros(batch, dtype=torch.long, device=device)
             noise = torch.randn(args.steps, batch, args.copies, *attributor.shape, device=device)
-            rates = compare(
-                {
-                    "batched + cached": partial(attributor.explain, images, target, noise=noise),
-                    "batched + cached, batch norm not folded": partial(
-                        own.explain, images, target, noise=noise
-                    ),
-                    "batched, hook path (full model per step)": partial(
-                        hooked.explain, images, target, noise=noise
-                    ),
-                    "straightforward (one image, full model)": partial(
-                        straightforward_heatmaps, attributor, images, target, noise
-                    ),
-                },
-                batch,
-                args.repeats,
-                device,
+            candidates: dict[str, Callable[[], object]] = {
+                "batched + cached": partial(attributor.explain, images, target, noise=noise),
+                "batched + cached, batch norm not folded": partial(own.explain, images, target, noise=noise),
+                "batched, hook path (full model per step)": partial(
+                    hooked.explain, images, target, noise=noise
+                ),
+            }
+            variants = {}
+            for variant in args.variants:
+                row, precision, compile = VARIANTS[variant]
+                variants[row] = make(precision, compile)
+                variants[row].load_state_dict(attributor.state_dict())
+                candidates[row] = partial(variants[row].explain, images, target, noise=noise)
+            candidates["straightforward (one image, full model)"] = partial(
+                straightforward_heatmaps, attributor, images, target, noise
             )
+            rates = compare(candidates, batch, args.repeats, device)
+            compile_seconds = {
+                row: sum(v._compiled[1].seconds.values()) if v._compiled else None
+                for row, v in variants.items()
+                if v.compile_steps
+            }
+            for row, seconds in compile_seconds.items():
+                if seconds is not None:
+                    print(
+                        f"  compile time of {row!r}: {seconds:.1f} s (once per classifier, layer and shape)"
+                    )
             title = (
                 f"per-sample, {name} at {size} px, {batch} images, {args.steps} steps x {args.copies} copies"
             )
-            results.append(report(title, rates, "straightforward (one image, full model)", "heatmaps/s"))
+            extra = {"compile_seconds": compile_seconds, "native_bf16": native_bf16(device)}
+            results.append(
+                report(title, rates, "straightforward (one image, full model)", "heatmaps/s", extra)
+            )
     return results
 
 
@@ -647,6 +693,13 @@ def main(argv: list[str] | None = None) -> None:
     per_sample.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
     per_sample.add_argument("--steps", type=int, default=10)
     per_sample.add_argument("--copies", type=int, default=10)
+    per_sample.add_argument(
+        "--variants",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=sorted(VARIANTS),
+        help="rows beyond fp32 eager (none: --variants with no value)",
+    )
     per_sample.set_defaults(run=bench_per_sample)
     readout = commands.add_parser("readout", help=bench_readout.__doc__)
     readout.add_argument("--classifiers", nargs="+", default=["synthetic-cnn", "resnet50"])

@@ -36,6 +36,7 @@ from readout.images import BadImage, expand_images, load_image
 from readout.lrp import CANONIZERS, COMPOSITES
 from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
+from readout.precision import PRECISIONS
 from readout.relevance import INJECTIONS, RelevanceIBA
 
 DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
@@ -99,7 +100,14 @@ def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
     # On the device before estimating: μ/σ over thousands of images should not run on the CPU.
     classifier = classifier_of(args).to(args.device)
     attributor = PerSample(
-        classifier, layer=args.layer, beta=args.beta, steps=args.steps, copies=args.copies, seed=args.seed
+        classifier,
+        layer=args.layer,
+        beta=args.beta,
+        steps=args.steps,
+        copies=args.copies,
+        seed=args.seed,
+        precision=args.precision,
+        compile=args.compile,
     )
     with_cached_statistics(attributor, args)
     return attributor
@@ -200,6 +208,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=10.0, help="β·k (paper: 10)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="per-sample: the layers after the bottleneck in bf16 autocast or fp32 (auto: bf16 where native)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="per-sample: torch.compile the layers after the bottleneck"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--estimate-shards", help="shards whose images give μ/σ (per-sample)")

@@ -77,6 +77,7 @@ from readout.export import load, readout_state
 from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
 from readout.metrics.tiles import Baseline, baseline_images
 from readout.per_sample import PerSample
+from readout.precision import Precision
 from readout.readout_bottleneck import ReadoutBottleneck
 from readout.relevance import RelevanceIBA, relevance_attributor
 from readout.taps import tap_module
@@ -278,15 +279,25 @@ def _per_sample_base(
     copies: int,
     seed: int,
     sigma: float = 1.0,
+    precision: Precision = "auto",
+    compile: bool = False,
 ) -> SharedExplanation:
     def build() -> BottleneckAttributor:
         attributor = PerSample(
-            classifier, layer=layer, beta=beta, steps=steps, copies=copies, sigma=sigma, seed=seed
+            classifier,
+            layer=layer,
+            beta=beta,
+            steps=steps,
+            copies=copies,
+            sigma=sigma,
+            seed=seed,
+            precision=precision,
+            compile=compile,
         )
         context.estimate(attributor)
         return attributor.to(classifier.mean.device)
 
-    key = ("per-sample", layer, beta, steps, copies, seed, sigma)
+    key = ("per-sample", layer, beta, steps, copies, seed, sigma, precision, compile)
     return context.base(classifier, key, build, seed)
 
 
@@ -299,10 +310,13 @@ def per_sample(
     copies: int = 10,
     seed: int = 0,
     sigma: float = 1.0,
+    precision: Precision = "auto",
+    compile: bool = False,
 ) -> Attributor:
     """Per-Sample Bottleneck at ``layer`` (default: the registry's) with β = ``beta``/k and the mask's
-    smoothing σ_s = ``sigma`` (bottleneck cells); bits per pixel."""
-    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma)
+    smoothing σ_s = ``sigma`` (bottleneck cells); bits per pixel. ``precision`` and ``compile``: of
+    the fit's steps (:class:`readout.PerSample`)."""
+    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma, precision, compile)
     return lambda images, target=None: base.explain(images, target).heatmap
 
 
@@ -341,9 +355,11 @@ def relevance_per_sample(
     injection: str = "information",
     mask_dead: bool = False,
     sigma: float = 1.0,
+    precision: Precision = "auto",
+    compile: bool = False,
 ) -> Attributor:
     """Relevance-IBA on a Per-Sample fit (the same fit as a ``per-sample`` row with equal options)."""
-    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma)
+    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma, precision, compile)
     options = {"composite": composite, "canonizer": canonizer, "injection": injection, "mask_dead": mask_dead}
     return _relevance(base, options)
 

@@ -5,7 +5,9 @@ every optimisation step runs only the layers after it on B × copies noisy activ
 classifier's weights never receive gradients. Adam is element-wise and the loss is a sum of
 per-image losses, so each image's α follows exactly the path it would follow alone. The layers after
 the bottleneck run as a frozen copy with batch norm folded into the convolutions, in channels_last
-(``fuse``, the default): the same function of Z up to rounding, cheaper on every step.
+(``fuse``, the default): the same function of Z up to rounding, cheaper on every step. Under
+``precision="bf16"`` those layers run in bf16 autocast (α, Adam, the KL and the map stay fp32), and
+``compile=True`` compiles them for the fixed shape of the steps (:mod:`readout.compiled`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from torch import nn
 from readout.attributor import BottleneckAttributor, Explanation
 from readout.bottleneck import LN2, information_map
 from readout.classifier import Classifier, as_classifier
+from readout.compiled import CompiledModule
+from readout.precision import Precision, autocast, resolve_precision
 from readout.split import folded_copy
 
 
@@ -33,6 +37,12 @@ class PerSample(BottleneckAttributor):
     bottleneck as :func:`readout.split.folded_copy` (rebuilt when the classifier's weights change in
     place or it moves); False runs the classifier's own modules. Where the classifier cannot be
     split at ``layer`` (:mod:`readout.split`), every step runs the whole classifier with a hook.
+
+    ``precision``: ``bf16`` runs the layers after the bottleneck under bf16 autocast in the fit's
+    steps, ``fp32`` does not, ``auto`` (the default) chooses bf16 where the device has it natively
+    (:func:`readout.precision.native_bf16`) and logs the choice. ``compile``: compile those layers
+    with torch.compile for the steps' shape (split path only; the cost is paid on the first fit of
+    each batch shape and logged; a failure falls back to eager with one warning).
     """
 
     def __init__(
@@ -49,6 +59,8 @@ class PerSample(BottleneckAttributor):
         active_threshold: float = 0.01,
         seed: int | None = None,
         fuse: bool = True,
+        precision: Precision = "auto",
+        compile: bool = False,
     ) -> None:
         classifier = as_classifier(classifier)
         layer = layer or classifier.defaults.per_sample_layer
@@ -58,8 +70,11 @@ class PerSample(BottleneckAttributor):
         if steps < 1 or copies < 1:
             raise ValueError(f"steps and copies must be >= 1, got steps={steps}, copies={copies}")
         self.beta, self.steps, self.lr, self.copies, self.init_alpha = beta, steps, lr, copies, init_alpha
-        self.seed, self.fuse = seed, fuse
+        resolve_precision(precision, torch.device("cpu"))  # refuses an unknown value now
+        self.seed, self.fuse, self.precision = seed, fuse, precision
+        self.compile_steps = compile  # not self.compile: that is nn.Module.compile
         self._fitting: tuple[tuple[Any, ...], nn.Module] | None = None
+        self._compiled: tuple[nn.Module, CompiledModule] | None = None
         # One generator per device, made on first use: a CPU generator cannot draw CUDA noise, and the
         # attributor is often moved with .to() after construction.
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -98,6 +113,17 @@ class PerSample(BottleneckAttributor):
             self._fitting = (key, folded_copy(suffix, f"{self.classifier.name} after {self.layer}"))
         return self._fitting[1]
 
+    def compiled_suffix(
+        self, suffix: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``suffix`` compiled (:class:`readout.compiled.CompiledModule`), made once per suffix module;
+        a hook-path suffix (no module of its own) stays as it is."""
+        if not isinstance(suffix, nn.Module):
+            return suffix
+        if self._compiled is None or self._compiled[0] is not suffix:
+            self._compiled = (suffix, CompiledModule(suffix, f"{self.classifier.name} after {self.layer}"))
+        return self._compiled[1]
+
     def draw_noise(self, batch: int, like: torch.Tensor) -> torch.Tensor:
         """Standard normal noise (B, copies, C, h, w) for one step, on the device and dtype of ``like``."""
         shape = (batch, self.copies, *self.shape)
@@ -126,12 +152,16 @@ class PerSample(BottleneckAttributor):
         """
         if suffix is None:  # not `or`: an nn.Sequential is falsy when empty (it has a __len__)
             suffix = self.fitting_suffix()
+        stepped = self.compiled_suffix(suffix) if self.compile_steps else suffix
+        precision = resolve_precision(self.precision, features.device)
         alpha = torch.full_like(features, self.init_alpha, requires_grad=True)
         optimiser = torch.optim.Adam([alpha], lr=self.lr)
         for step in range(self.steps):
             step_noise = noise[step] if noise is not None else self.draw_noise(len(features), features)
             z, kl = self.bottleneck(features, alpha, step_noise)
-            loss = self.loss(suffix(z), target, kl)
+            with autocast(precision, features.device):
+                logits = stepped(z)
+            loss = self.loss(logits.float(), target, kl)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
