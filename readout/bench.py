@@ -1,11 +1,13 @@
-"""``python -m readout.bench {per-sample,readout,ddp,data}``: speed ratios measured side by side in one run.
+"""``python -m readout.bench {per-sample,relevance,readout,ddp,data}``: speed ratios measured side by side in one run.
 
 Each subcommand times two or more implementations on the same inputs, in the same process, warmed
 up, alternating the order of repeats, and prints the throughputs and their ratio; absolute
 numbers alone are never the result (CPU timings here are noisy, the ratio much less so).
 ``--device cuda`` where a GPU is present; peak GPU memory per image is printed there.
 
-- ``per-sample``: batched, cached Per-Sample Bottleneck against the straightforward one.
+- ``per-sample``: batched, cached Per-Sample Bottleneck against the straightforward one; fp32 eager,
+  bf16 autocast and compiled steps side by side.
+- ``relevance``: Relevance-IBA's LRP pass in fp32 and in bf16 autocast, with its conservation.
 - ``readout``: readout training step and heatmaps against the plain classifier's step and inference.
 - ``ddp``: readout training on 1 process against N under DDP, as a scaling efficiency.
 - ``data``: shards stored at full size against resized, loader worker counts, PIL against batched
@@ -41,6 +43,7 @@ from readout.lit import ReadoutModule
 from readout.per_sample import PerSample
 from readout.precision import native_bf16
 from readout.reference import straightforward_heatmaps
+from readout.resources import checkpoint_dir
 
 
 def synchronise(device: torch.device) -> None:
@@ -682,6 +685,46 @@ def bench_device_transform(args: argparse.Namespace, shards: Path) -> dict:
     return report(title, rates, next(iter(rates)), "images/s")
 
 
+def bench_relevance(args: argparse.Namespace) -> list[dict]:
+    """Relevance-IBA's LRP pass in fp32 and under bf16 autocast: heatmaps/s and per-image conservation
+    (the share of the injected relevance that reaches the input) on synthetic images."""
+    from readout.data.synthetic import synthetic_batch
+    from readout.export import load
+    from readout.relevance import RelevanceIBA
+
+    device = torch.device(args.device)
+    attributor = load(args.bundle, device=str(device))
+    relevance = RelevanceIBA(attributor)
+    images = synthetic_batch(args.images, attributor.classifier.input_size, seed=9)["image"].to(device)
+    base = attributor.explain(images)
+
+    def propagate(bf16: bool) -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return relevance.explain_from(images, base)
+
+    rates = compare(
+        {"fp32": partial(propagate, False), "bf16 autocast": partial(propagate, True)},
+        len(images),
+        args.repeats,
+        device,
+    )
+    conservation = {
+        name: [round(float(c), 4) for c in propagate(bf16).conservation.float()]
+        for name, bf16 in [("fp32", False), ("bf16 autocast", True)]
+    }
+    for name, values in conservation.items():
+        print(f"  conservation, {name}: min {min(values):.3f}, max {max(values):.3f}")
+    return [
+        report(
+            f"relevance-iba LRP pass, {args.bundle}, {len(images)} images",
+            rates,
+            "fp32",
+            "heatmaps/s",
+            {"conservation": conservation},
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m readout.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -701,6 +744,10 @@ def main(argv: list[str] | None = None) -> None:
         help="rows beyond fp32 eager (none: --variants with no value)",
     )
     per_sample.set_defaults(run=bench_per_sample)
+    relevance = commands.add_parser("relevance", help=bench_relevance.__doc__)
+    relevance.add_argument("--bundle", default=str(checkpoint_dir() / "readout-demo"))
+    relevance.add_argument("--images", type=int, default=8)
+    relevance.set_defaults(run=bench_relevance)
     readout = commands.add_parser("readout", help=bench_readout.__doc__)
     readout.add_argument("--classifiers", nargs="+", default=["synthetic-cnn", "resnet50"])
     readout.add_argument("--batch", type=int, default=16)

@@ -25,10 +25,26 @@ def test_per_sample_bench_reports_a_ratio_against_the_straightforward_one(tmp_pa
         "batched + cached",
         "batched + cached, batch norm not folded",
         "batched, hook path (full model per step)",
+        "batched + cached, bf16 autocast",
+        "batched + cached, compiled",
+        "batched + cached, compiled, bf16 autocast",
         "straightforward (one image, full model)",
     }
     assert all(rate > 0 for rate in result["rates"].values())
-    assert "x straightforward" in capsys.readouterr().out
+    compiled = result["compile_seconds"]
+    assert set(compiled) == {"batched + cached, compiled", "batched + cached, compiled, bf16 autocast"}
+    assert all(seconds > 0 for seconds in compiled.values())
+    printed = capsys.readouterr().out
+    assert "x straightforward" in printed and "compile time of 'batched + cached, compiled'" in printed
+
+
+def test_relevance_bench_gives_the_conservation_of_both_precisions(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--repeats", "1", "--json", str(out), "relevance", "--images", "2"])
+    result = json.loads(out.read_text())["results"][0]
+    assert set(result["rates"]) == {"fp32", "bf16 autocast"} and result["baseline"] == "fp32"
+    fp32 = result["conservation"]["fp32"]
+    assert len(fp32) == 2 and all(0.95 <= value <= 1.05 for value in fp32)
 
 
 def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
