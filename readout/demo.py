@@ -109,8 +109,19 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"readout on {report['images']} held-out images: box ratio {report['box_ratio']:.3f}, "
         f"{report['bits_per_image']:.1f} bits per image; heatmaps in {args.out}; "
-        f"{report['minutes']:.1f} min in all. TensorBoard: tensorboard --logdir runs/demo"
+        f"{report['minutes']:.1f} min in all. TensorBoard: tensorboard --logdir {run_dir(args.overrides)}"
     )
+
+
+def run_dir(overrides: list[str]) -> str:
+    """Where the fit wrote its logs: the last ``--run_dir`` among the overrides, else the config's."""
+    chosen = "runs/demo"
+    for index, value in enumerate(overrides):
+        if value.startswith("--run_dir="):
+            chosen = value.split("=", 1)[1]
+        elif value == "--run_dir" and index + 1 < len(overrides):
+            chosen = overrides[index + 1]
+    return chosen
 
 
 if __name__ == "__main__":

@@ -20,3 +20,11 @@ def test_held_out_report_scores_the_bundle_and_draws_the_readme_picture(tmp_path
     ]
     single, sheet = Image.open(tmp_path / "heldout-00.png"), Image.open(tmp_path / "overview.png")
     assert sheet.width == 2 * single.width and sheet.height == 2 * single.height  # four pairs, two a row
+
+
+def test_the_tensorboard_hint_follows_a_run_dir_override():
+    from readout.demo import run_dir
+
+    assert run_dir([]) == "runs/demo"
+    assert run_dir(["--run_dir=runs/r18/fit", "--model.beta=3"]) == "runs/r18/fit"
+    assert run_dir(["--run_dir", "runs/x", "--run_dir=runs/y"]) == "runs/y"
