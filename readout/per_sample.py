@@ -12,6 +12,7 @@ the bottleneck run as a frozen copy with batch norm folded into the convolutions
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,11 @@ from readout.attributor import BottleneckAttributor, Explanation
 from readout.bottleneck import LN2, information_map
 from readout.classifier import Classifier, as_classifier
 from readout.compiled import CompiledModule
-from readout.precision import Precision, autocast, resolve_precision
+from readout.precision import PRECISIONS, Precision, autocast, resolve_precision
 from readout.split import folded_copy
+
+log = logging.getLogger(__name__)
+_EAGER_LOGGED: set[str] = set()  # classifiers whose hook path was said to run eagerly
 
 
 class PerSample(BottleneckAttributor):
@@ -70,7 +74,8 @@ class PerSample(BottleneckAttributor):
         if steps < 1 or copies < 1:
             raise ValueError(f"steps and copies must be >= 1, got steps={steps}, copies={copies}")
         self.beta, self.steps, self.lr, self.copies, self.init_alpha = beta, steps, lr, copies, init_alpha
-        resolve_precision(precision, torch.device("cpu"))  # refuses an unknown value now
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.seed, self.fuse, self.precision = seed, fuse, precision
         self.compile_steps = compile  # not self.compile: that is nn.Module.compile
         self._fitting: tuple[tuple[Any, ...], nn.Module] | None = None
@@ -119,6 +124,9 @@ class PerSample(BottleneckAttributor):
         """``suffix`` compiled (:class:`readout.compiled.CompiledModule`), made once per suffix module;
         a hook-path suffix (no module of its own) stays as it is."""
         if not isinstance(suffix, nn.Module):
+            if self.classifier.name not in _EAGER_LOGGED:
+                _EAGER_LOGGED.add(self.classifier.name)
+                log.info("%s: compile needs the split path; the hook path runs eagerly", self.classifier.name)
             return suffix
         if self._compiled is None or self._compiled[0] is not suffix:
             self._compiled = (suffix, CompiledModule(suffix, f"{self.classifier.name} after {self.layer}"))
