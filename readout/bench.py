@@ -1,4 +1,4 @@
-"""``python -m readout.bench {per-sample,relevance,readout,ddp,data}``: speed ratios measured side by side in one run.
+"""``python -m readout.bench {per-sample,relevance,readout,ddp,data}``: speed ratios, side by side.
 
 Each subcommand times two or more implementations on the same inputs, in the same process, warmed
 up, alternating the order of repeats, and prints the throughputs and their ratio; absolute
@@ -196,13 +196,24 @@ def plain_training_step(classifier: torch.nn.Module, images: torch.Tensor, label
 
 
 def readout_module(
-    name: str, device: torch.device, batch_size: int, size: int | None = None, channels_last: bool = False
+    name: str,
+    device: torch.device,
+    batch_size: int,
+    size: int | None = None,
+    channels_last: bool = False,
+    hidden: int | None = None,
 ) -> tuple[ReadoutModule, dict[str, Any]]:
     """The product's module for classifier ``name`` (random init) at ``size`` px (default: the
     classifier's), on ``device``, attached to a :func:`bare_trainer`, and a batch of random images
-    (:func:`bench_batch`) on which its μ/σ were estimated."""
+    (:func:`bench_batch`) on which its μ/σ were estimated. ``hidden``: the readout net's first hidden
+    width (default: the paper's)."""
     module = ReadoutModule(
-        classifier=name, weights=None, input_size=size, heatmap_every_n_steps=0, channels_last=channels_last
+        classifier=name,
+        weights=None,
+        input_size=size,
+        heatmap_every_n_steps=0,
+        channels_last=channels_last,
+        readout_hidden=hidden,
     )
     module.to(device)
     side = module.attributor.classifier.input_size
@@ -254,7 +265,9 @@ def readout_training_step(module: ReadoutModule, batch: dict[str, Any]) -> Calla
     ``training_step`` (the shared first pass, the readout net, ``sample_noise``, CE + β/k·ΣKL and the
     finite-loss check), backward, ``on_before_optimizer_step`` (the finite-gradient check), then
     the step of the optimiser ``configure_optimizers`` gives. Lightning's loop and logging are left out."""
-    optimiser = module.configure_optimizers()
+    configured = module.configure_optimizers()
+    optimiser = configured["optimizer"] if isinstance(configured, dict) else configured
+    module.trainer.optimizers = [optimiser]  # type: ignore[union-attr]  # training_step logs its lr
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
@@ -324,6 +337,12 @@ def bench_readout(args: argparse.Namespace) -> list[dict]:
         }
         if args.compile:
             variants["readout step (compiled suffix)"] = with_compiled_suffix(module)
+        narrow = {
+            width: readout_module(name, device, args.batch, channels_last=args.channels_last, hidden=width)[0]
+            for width in args.hidden
+        }
+        for width, other in narrow.items():
+            variants[f"readout step (hidden {width})"] = other
         precisions = PRECISIONS if args.bf16 else {"fp32": None}
         title = f"readout, {name} at {size} px, batch {args.batch}"
         title += ", channels_last" if args.channels_last else ""
@@ -338,11 +357,16 @@ def bench_readout(args: argparse.Namespace) -> list[dict]:
                     candidates[variant] = under(dtype, device, readout_training_step(copy, batch))
                 train = compare(candidates, args.batch, args.repeats, device)
                 memory = {n: peak_memory_per_image(fn, args.batch, device) for n, fn in candidates.items()}
+                inference = {
+                    "plain inference": under(dtype, device, partial(torch.no_grad()(classifier), images)),
+                    "readout heatmaps": under(dtype, device, partial(attributor, images)),
+                }
+                for width, other in narrow.items():
+                    inference[f"readout heatmaps (hidden {width})"] = under(
+                        dtype, device, partial(other.attributor, images)
+                    )
                 infer = compare(
-                    {
-                        "plain inference": under(dtype, device, partial(torch.no_grad()(classifier), images)),
-                        "readout heatmaps": under(dtype, device, partial(attributor, images)),
-                    },
+                    inference,
                     args.batch,
                     args.repeats,
                     device,
@@ -754,6 +778,13 @@ def main(argv: list[str] | None = None) -> None:
     readout.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     readout.add_argument("--compile", action="store_true", help="also time torch.compile of the suffix")
     readout.add_argument("--channels-last", action="store_true")
+    readout.add_argument(
+        "--hidden",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also time readout nets of these first hidden widths",
+    )
     readout.set_defaults(run=bench_readout)
     ddp = commands.add_parser("ddp", help="readout training images/s, 1 process against N under DDP")
     ddp.add_argument("--classifier", default="synthetic-cnn")

@@ -85,6 +85,7 @@ def export_bundle(
         "sigma": attributor.bottleneck.sigma,
         "min_std": attributor.statistics.min_std,
         "active_threshold": attributor.statistics.active_threshold,
+        "hidden": attributor.hidden,
     }
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -171,6 +172,7 @@ def load(
         sigma=config["sigma"],
         min_std=config["min_std"],
         active_threshold=config["active_threshold"],
+        hidden=config.get("hidden"),  # absent in bundles written before the option: the paper's
     )
     try:
         state = load_safetensors(_read(url, WEIGHTS_FILE))

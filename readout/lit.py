@@ -68,6 +68,8 @@ class ReadoutModule(pl.LightningModule):
         lr_warmup_steps: the learning rate ramps linearly from 0 to ``lr`` over this many steps.
         sigma: smoothing σ_s of λ.
         lr: Adam's learning rate for the readout net.
+        readout_hidden: the readout net's first hidden width (default: the paper's, half the stacked
+            tap channels; it dominates the readout's cost).
         min_std: floor of σ in the bottleneck and in the readout's normalisation.
         active_threshold: units non-zero in fewer samples than this share are treated as dead.
         estimate_samples: training samples for μ/σ before the first step (summed over ranks).
@@ -98,6 +100,7 @@ class ReadoutModule(pl.LightningModule):
         lr_warmup_steps: int = 0,
         sigma: float = 1.0,
         lr: float = 1e-5,
+        readout_hidden: int | None = None,
         min_std: float = 0.01,
         active_threshold: float = 0.01,
         estimate_samples: int = 5000,
@@ -135,7 +138,9 @@ class ReadoutModule(pl.LightningModule):
             raise ValueError(f"model.classifier: {error.args[0]}") from error
         network.input_size = input_size or network.input_size
         check_layers(network, layer, taps)
-        self.attributor = ReadoutBottleneck(network, layer, taps, sigma, min_std, active_threshold)
+        self.attributor = ReadoutBottleneck(
+            network, layer, taps, sigma, min_std, active_threshold, hidden=readout_hidden
+        )
         self.fingerprint = classifier_fingerprint(network)
         if channels_last:
             # Lightning's later move to the device keeps the layout (preserve_format); so does Adam's state.

@@ -261,6 +261,7 @@ class MethodContext:
             sigma=trained.bottleneck.sigma,
             min_std=trained.statistics.min_std,
             active_threshold=trained.statistics.active_threshold,
+            hidden=trained.hidden,
         )
         attributor.load_state_dict(readout_state(trained), strict=False)
         return attributor.to(device).eval()

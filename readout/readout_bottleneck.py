@@ -28,6 +28,7 @@ class ReadoutBottleneck(BottleneckAttributor):
     reading conv3_1, conv4_1, conv5_1, conv5_3, fc); for other models the end of the stride-4 stage,
     reading the end of every stage and the logits (:func:`readout.classifier.default_layers`).
     The readout's statistics (one :class:`FeatureStatistics` per tap) are part of the state dict.
+    ``hidden``: the readout net's first hidden width (default: the paper's, half its input channels).
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class ReadoutBottleneck(BottleneckAttributor):
         min_std: float = 0.01,
         active_threshold: float = 0.01,
         init_alpha: float = 5.0,
+        hidden: int | None = None,
     ) -> None:
         classifier = as_classifier(classifier)
         layer = layer or classifier.defaults.readout_layer
@@ -49,7 +51,8 @@ class ReadoutBottleneck(BottleneckAttributor):
         self.readout_statistics = nn.ModuleList(
             FeatureStatistics(s, min_std, active_threshold) for s in shapes
         )
-        self.net = ReadoutNet(sum(s[0] for s in shapes), self.shape[0], init_alpha)
+        self.net = ReadoutNet(sum(s[0] for s in shapes), self.shape[0], init_alpha, hidden)
+        self.hidden = hidden
 
     @property
     def tap_statistics(self) -> list[FeatureStatistics]:

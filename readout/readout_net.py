@@ -2,7 +2,8 @@
 
 Three 1x1 convolutions with ReLUs between them, channel widths as in the paper's code:
 in -> in/2 -> 2·C -> C, where ``in`` is the number of channels of all readout taps stacked and C
-the bottleneck's channels. It maps the stacked, normalised, upsampled readout features to α.
+the bottleneck's channels; ``hidden`` replaces the first hidden width in/2 (the costliest) by a
+narrower one. It maps the stacked, normalised, upsampled readout features to α.
 
 The first convolution dominates the cost: for resnet50 it maps 4840 stacked channels at 56x56, about
 37 GMAC per image, nine times the classifier. It is linear, and so are the bilinear resize and the
@@ -32,9 +33,14 @@ class ReadoutNet(nn.Module):
     λ = sigmoid(5) ≈ 0.993: almost all of the signal passes, as at the start of a per-sample fit.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, init_alpha: float = 5.0) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, init_alpha: float = 5.0, hidden: int | None = None
+    ) -> None:
         super().__init__()
-        hidden = max(1, in_channels // 2)
+        if hidden is not None and hidden < 1:
+            raise ValueError(f"the readout's hidden width must be >= 1, got {hidden}")
+        hidden = hidden or max(1, in_channels // 2)
+        self.hidden = hidden
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 1),
             nn.ReLU(),

@@ -79,6 +79,21 @@ def test_readout_bench_compares_with_the_plain_classifier(tmp_path, monkeypatch)
     assert calls == [2] * (2 * len(variants))
 
 
+def test_readout_bench_times_narrower_readout_nets_beside_the_papers(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["--repeats", "1", "--json", str(out), "readout", "--classifiers", "synthetic-cnn", "--batch", "2",
+          "--hidden", "16", "8"])  # fmt: skip
+    training, inference = json.loads(out.read_text())["results"]
+    assert {"readout step (hidden 16)", "readout step (hidden 8)"} <= set(training["rates"])
+    assert list(inference["rates"]) == [
+        "plain inference",
+        "readout heatmaps",
+        "readout heatmaps (hidden 16)",
+        "readout heatmaps (hidden 8)",
+    ]
+    assert sane(training["rates"]) and sane(inference["rates"])
+
+
 def test_readout_bench_gives_bf16_against_fp32_as_a_direct_ratio(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--repeats", "1", "--json", str(out), "readout", "--classifiers", "synthetic-cnn", "--batch", "2",

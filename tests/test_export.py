@@ -110,3 +110,28 @@ def test_shipped_bundle_on_cuda_gives_the_cpu_heatmaps(monkeypatch):
     tolerance = {"rtol": 1e-3, "atol": 1e-4 * expected.abs().max().item()}
     torch.testing.assert_close(got.cpu(), expected, **tolerance)
     torch.testing.assert_close(explained.heatmap.cpu(), expected, **tolerance)
+
+
+def test_a_narrower_readout_net_round_trips_with_its_width(tmp_path):
+    torch.manual_seed(0)
+    narrow = ReadoutBottleneck(load_classifier("synthetic-cnn", weights=None), hidden=8)
+    first = narrow.net.layers[0]
+    assert first.out_channels == 8 and narrow.net.layers[2].in_channels == 8
+    narrow.estimate([torch.rand(16, 3, 64, 64)], progress=False)
+    with torch.no_grad():
+        for parameter in narrow.net.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    export(narrow, tmp_path / "bundle")
+    assert json.loads((tmp_path / "bundle" / CONFIG_FILE).read_text())["hidden"] == 8
+    loaded = load(tmp_path / "bundle", classifier=narrow.classifier)
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images), narrow(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="hidden width"):
+        ReadoutBottleneck(load_classifier("synthetic-cnn", weights=None), hidden=0)
+
+
+def test_a_bundle_written_before_the_width_option_loads_with_the_papers_widths():
+    bundle = checkpoint_dir() / "readout-demo"
+    assert "hidden" not in json.loads((bundle / CONFIG_FILE).read_text())
+    loaded = load(bundle)
+    assert loaded.net.layers[0].out_channels == loaded.net.layers[0].in_channels // 2

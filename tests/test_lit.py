@@ -285,20 +285,27 @@ def test_taps_may_lie_after_the_bottleneck_the_output_included():
 # TensorBoard
 
 
-def test_beta_and_lr_warm_up_linearly_and_beta_is_logged(tiny_shards, tmp_path, monkeypatch):
+def fit_with_tensorboard(config: dict, tmp_path, monkeypatch) -> tuple[Any, EventAccumulator]:
+    """Runs ``config`` through readout.fit outside SLURM with a TensorBoard logger; the CLI and the
+    run's events, read back."""
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
-    config = tiny_config(tiny_shards, max_steps=5, limit_val_batches=0)
-    config["model"].update(beta=8.0, beta_warmup_steps=4, lr_warmup_steps=2)
     config["trainer"]["logger"] = {
         "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
         "init_args": {"save_dir": "runs/tiny", "name": "tensorboard", "version": ""},
     }
     run = tmp_path / "run"
-    cli = fit(["--config", str(write_config(tmp_path / "warm.yaml", config)), "--run_dir", str(run)])
-    assert cli.trainer.global_step == 5
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    cli = fit(["--config", str(write_config(tmp_path / "tb.yaml", config)), "--run_dir", str(run)])
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
+    return cli, events
+
+
+def test_beta_and_lr_warm_up_linearly_and_beta_is_logged(tiny_shards, tmp_path, monkeypatch):
+    config = tiny_config(tiny_shards, max_steps=5, limit_val_batches=0)
+    config["model"].update(beta=8.0, beta_warmup_steps=4, lr_warmup_steps=2)
+    cli, events = fit_with_tensorboard(config, tmp_path, monkeypatch)
+    assert cli.trainer.global_step == 5
     # Logged after each step: β of the step that ran (0, 2, 4, 6, then the full 8).
     assert [e.value for e in events.Scalars("train/beta")] == pytest.approx([0.0, 2.0, 4.0, 6.0, 8.0])
     lrs = [e.value for e in events.Scalars("train/lr")]
@@ -313,21 +320,11 @@ def test_negative_warmups_are_refused():
 def test_a_run_logs_what_the_readme_promises_to_tensorboard(tiny_shards, tmp_path, monkeypatch):
     """Loss, CE, bits per image, top-1 with and without the bottleneck, lr, images/s, validation
     metrics and the heatmap grid, every step (``heatmap_every_n_steps: 1``)."""
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
     config = tiny_config(tiny_shards, max_steps=2, val_check_interval=2, limit_val_batches=1)
     config["model"].update(input_size=SIZE, heatmap_every_n_steps=1, num_heatmaps=4)
     config["data"].update(image_size=SIZE, resize=SIZE, val_shards=str(tiny_shards))
-    config["trainer"]["logger"] = {
-        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs/tiny", "name": "tensorboard", "version": ""},
-    }
-    run = tmp_path / "run"
-    cli = fit(["--config", str(write_config(tmp_path / "tb.yaml", config)), "--run_dir", str(run)])
+    cli, events = fit_with_tensorboard(config, tmp_path, monkeypatch)
     assert cli.trainer.global_step == 2
-
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
     scalars = set(events.Tags()["scalars"])
     promised = {
         "train/loss": "loss",
