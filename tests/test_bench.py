@@ -18,7 +18,8 @@ def sane(rates: dict[str, float]) -> bool:
 def test_per_sample_bench_reports_a_ratio_against_the_straightforward_one(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["--repeats", "1", "--json", str(out), "per-sample", "--classifiers", "synthetic-cnn",
-          "--batch-sizes", "2", "--steps", "1", "--copies", "2"])  # fmt: skip
+          "--batch-sizes", "2", "--steps", "1", "--copies", "2",
+          "--variants", "bf16", "compiled", "compiled-bf16"])  # fmt: skip
     result = json.loads(out.read_text())["results"][0]
     assert result["baseline"] == "straightforward (one image, full model)"
     assert set(result["rates"]) == {
