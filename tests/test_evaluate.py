@@ -198,7 +198,9 @@ def test_shipped_config_parses_through_the_cli(config):
     parsed = parse_config(["--config", str(config)])
     names = [spec.name for spec in parsed.methods]
     if config.stem == "resnet18-synthetic":  # the second architecture: readout against Per-Sample
-        assert [spec.method for spec in parsed.methods] == ["random", "grad-cam", "per-sample", "readout"]
+        methods = [spec.method for spec in parsed.methods]
+        assert methods == ["random", "grad-cam", "per-sample", "per-sample", "readout"]
+        assert parsed.reference == "Readout β=3/k"
         return
     if config.stem == "resnet18-select":  # choosing Per-Sample's settings on validation images
         assert {spec.method for spec in parsed.methods} == {"per-sample"}
