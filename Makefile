@@ -56,4 +56,7 @@ resnet18: venv
 		--out $(R18)/classifier --n-train 16000 --epochs 8 --size 64 --seed 0
 	test -f $(R18)/readout/readout.json || $(PY) -m readout.demo --classifier $(R18)/classifier.safetensors \
 		--bundle $(R18)/readout --out $(R18)/heatmaps -- --model.layer=layer1 --model.taps=null --run_dir=$(R18)/fit
+	test -f $(R18)/readout-beta1/readout.json || $(PY) -m readout.demo --classifier $(R18)/classifier.safetensors \
+		--bundle $(R18)/readout-beta1 --out $(R18)/heatmaps-beta1 -- --model.layer=layer1 --model.taps=null \
+		--run_dir=$(R18)/fit-beta1 --model.beta=1
 	$(PY) -m readout.evaluate --config configs/eval/resnet18-synthetic.yaml

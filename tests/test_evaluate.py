@@ -199,7 +199,7 @@ def test_shipped_config_parses_through_the_cli(config):
     names = [spec.name for spec in parsed.methods]
     if config.stem == "resnet18-synthetic":  # the second architecture: readout against Per-Sample
         methods = [spec.method for spec in parsed.methods]
-        assert methods == ["random", "grad-cam", "per-sample", "per-sample", "readout"]
+        assert methods == ["random", "grad-cam", "per-sample", "per-sample", "readout", "readout"]
         assert parsed.reference == "Readout β=3/k"
         return
     if config.stem == "resnet18-select":  # choosing Per-Sample's settings on validation images
