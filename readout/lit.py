@@ -8,6 +8,7 @@ checkpoints (they are identified by a fingerprint instead and restored from the 
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from typing import Any, Literal
@@ -66,6 +67,8 @@ class ReadoutModule(pl.LightningModule):
             the full β from the first step); logged as ``train/beta``. A readout that starts at the
             full β can lose the class before it learns where it is, and collapse (λ → 0).
         lr_warmup_steps: the learning rate ramps linearly from 0 to ``lr`` over this many steps.
+        lr_decay: ``cosine``: after the warm-up the learning rate falls along a half cosine to 0 at the
+            run's end (Lightning's ``estimated_stepping_batches``); ``none``: it stays at ``lr``.
         sigma: smoothing σ_s of λ.
         lr: Adam's learning rate for the readout net.
         readout_hidden: the readout net's first hidden width (default: the paper's, half the stacked
@@ -98,6 +101,7 @@ class ReadoutModule(pl.LightningModule):
         beta: float = 10.0,
         beta_warmup_steps: int = 0,
         lr_warmup_steps: int = 0,
+        lr_decay: Literal["none", "cosine"] = "none",
         sigma: float = 1.0,
         lr: float = 1e-5,
         readout_hidden: int | None = None,
@@ -121,6 +125,8 @@ class ReadoutModule(pl.LightningModule):
                 f"model.beta_warmup_steps and model.lr_warmup_steps must be >= 0, got "
                 f"{beta_warmup_steps} and {lr_warmup_steps}"
             )
+        if lr_decay not in ("none", "cosine"):
+            raise ValueError(f"model.lr_decay must be 'none' or 'cosine', got {lr_decay!r}")
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"model.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters()
@@ -172,10 +178,13 @@ class ReadoutModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimiser = torch.optim.Adam(self.attributor.net.parameters(), lr=self.hparams["lr"])
         warmup = self.hparams.get("lr_warmup_steps", 0)
-        if not warmup:
+        cosine = self.hparams.get("lr_decay", "none") == "cosine"
+        if not warmup and not cosine:
             return optimiser
-        # Step s (0-based) trains at lr·(s + 1)/warmup until the full lr: no step at lr 0.
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: min(1.0, (step + 1) / warmup))
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if cosine else 0
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: lr_factor(step, warmup, total if cosine else None)
+        )
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def current_beta(self) -> float:
@@ -381,6 +390,18 @@ class ReadoutModule(pl.LightningModule):
                 f"{stored['fingerprint']}), not on the configured {self.attributor.classifier.name!r} "
                 f"(fingerprint {self.fingerprint}): set model.classifier/model.weights to match it"
             )
+
+
+def lr_factor(step: int, warmup: int, total: int | None) -> float:
+    """The share of ``lr`` that step ``step`` (0-based) trains at: (step + 1)/warmup during the
+    warm-up (no step at lr 0), then 1, or with ``total`` steps in the run a half cosine from 1 down
+    to 0 at its end."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if total is None:
+        return 1.0
+    span = max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
 
 
 def check_layers(network: Classifier, layer: str | None, taps: list[str] | None) -> None:

@@ -22,7 +22,7 @@ from readout.backbones import load_classifier
 from readout.classifier import Classifier
 from readout.datamodule import ReadoutDataModule
 from readout.fit import main as fit
-from readout.lit import ReadoutModule, check_layers
+from readout.lit import ReadoutModule, check_layers, lr_factor
 from readout.taps import FeatureTaps, ReplaceOutput
 
 SIZE = 32  # conftest.TINY_SHARDS
@@ -310,6 +310,24 @@ def test_beta_and_lr_warm_up_linearly_and_beta_is_logged(tiny_shards, tmp_path, 
     assert [e.value for e in events.Scalars("train/beta")] == pytest.approx([0.0, 2.0, 4.0, 6.0, 8.0])
     lrs = [e.value for e in events.Scalars("train/lr")]
     assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3)
+
+
+def test_cosine_decay_follows_the_warm_up_down_to_zero():
+    assert [lr_factor(step, 2, None) for step in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    factors = [lr_factor(step, 2, 10) for step in range(12)]
+    assert factors[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert all(a > b for a, b in zip(factors[2:10], factors[3:10], strict=False))
+    assert factors[6] == pytest.approx(0.5) and factors[10] == factors[11] == pytest.approx(0.0)
+
+
+def test_cosine_decay_reaches_the_optimiser(tiny_shards, tmp_path, monkeypatch):
+    config = tiny_config(tiny_shards, max_steps=4, limit_val_batches=0)
+    config["model"].update(lr_decay="cosine")
+    _, events = fit_with_tensorboard(config, tmp_path, monkeypatch)
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == pytest.approx([1e-3 * lr_factor(step, 0, 4) for step in range(4)])
+    with pytest.raises(ValueError, match="lr_decay"):
+        ReadoutModule(classifier="synthetic-cnn", weights=None, lr_decay="linear")  # type: ignore[arg-type]
 
 
 def test_negative_warmups_are_refused():
