@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from readout.data.device_decode import DeviceTrainTransform, check_jpeg_shards
 from readout.data.resume import ResumableShards, ResumedLoader
 from readout.data.shards import ShardSpec, make_loader, resolve_shards
+from readout.data.teacher import TeacherMaps
 from readout.data.transforms import eval_transform, train_transform
 
 
@@ -79,6 +80,9 @@ class ReadoutDataModule(pl.LightningDataModule):
             after the copy to the device the batch is decoded there in one call (nvJPEG on CUDA) and
             cropped (:class:`DeviceTrainTransform`; the same crops as ``cpu`` under the same seed).
             Needs JPEG shards; validation and the μ/σ estimate decode on the CPU either way.
+        teacher: a teacher file of the training shards (``python -m readout.teacher``): each training
+            sample then carries its Per-Sample map, cropped and flipped as its image, for
+            ``model.distill_weight``. Needs ``decode: cpu``.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class ReadoutDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         max_bad_share: float = 0.01,
         decode: Literal["cpu", "device"] = "cpu",
+        teacher: str | None = None,
     ) -> None:
         super().__init__()
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
@@ -120,6 +125,12 @@ class ReadoutDataModule(pl.LightningDataModule):
         self.image_size, self.resize, self.min_scale = image_size, resize, min_scale
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer, self.seed, self.pin_memory = shuffle_buffer, seed, pin_memory
+        try:
+            self.teacher = TeacherMaps(teacher) if teacher is not None else None
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"data.teacher: {error}") from error
+        if self.teacher is not None and decode != "cpu":
+            raise ValueError("data.teacher needs data.decode cpu (the crops are applied to the maps there)")
         self.device_transform = None
         if decode == "device":
             self.device_transform = DeviceTrainTransform(image_size, scale=(min_scale, 1.0))
@@ -171,6 +182,7 @@ class ReadoutDataModule(pl.LightningDataModule):
             batches_per_epoch=self.batches_per_epoch,
             shuffle_buffer=self.shuffle_buffer,
             device_transform=self.device_transform,
+            teacher=self.teacher,
         )
         loader = DataLoader(
             dataset,

@@ -23,6 +23,7 @@ from readout.backbones import load_classifier
 from readout.bottleneck import LN2
 from readout.checkpointing import check_finite
 from readout.classifier import LOGITS, Classifier
+from readout.data.teacher import TeacherMaps
 from readout.export import classifier_fingerprint
 from readout.plotting import heatmap_grid
 from readout.readout_bottleneck import ReadoutBottleneck
@@ -69,6 +70,10 @@ class ReadoutModule(pl.LightningModule):
         lr_warmup_steps: the learning rate ramps linearly from 0 to ``lr`` over this many steps.
         lr_decay: ``cosine``: after the warm-up the learning rate falls along a half cosine to 0 at the
             run's end (Lightning's ``estimated_stepping_batches``); ``none``: it stays at ``lr``.
+        distill_weight: weight of the distillation term (:func:`distill_loss`): the readout's map of
+            information over the bottleneck's locations is pulled towards the Per-Sample map of the
+            same crop (``data.teacher``, made by ``python -m readout.teacher``); 0: off, the paper's
+            loss. Logged as ``train/distill``; validation losses leave it out.
         sigma: smoothing σ_s of λ.
         lr: Adam's learning rate for the readout net.
         readout_hidden: the readout net's first hidden width (default: the paper's, half the stacked
@@ -102,6 +107,7 @@ class ReadoutModule(pl.LightningModule):
         beta_warmup_steps: int = 0,
         lr_warmup_steps: int = 0,
         lr_decay: Literal["none", "cosine"] = "none",
+        distill_weight: float = 0.0,
         sigma: float = 1.0,
         lr: float = 1e-5,
         readout_hidden: int | None = None,
@@ -125,6 +131,8 @@ class ReadoutModule(pl.LightningModule):
                 f"model.beta_warmup_steps and model.lr_warmup_steps must be >= 0, got "
                 f"{beta_warmup_steps} and {lr_warmup_steps}"
             )
+        if distill_weight < 0:
+            raise ValueError(f"model.distill_weight must be >= 0, got {distill_weight}")
         if lr_decay not in ("none", "cosine"):
             raise ValueError(f"model.lr_decay must be 'none' or 'cosine', got {lr_decay!r}")
         if nonfinite not in ("stop", "skip"):
@@ -164,6 +172,7 @@ class ReadoutModule(pl.LightningModule):
     # The estimator stage
 
     def on_fit_start(self) -> None:
+        self.check_teacher(getattr(self.trainer.datamodule, "teacher", None))  # type: ignore[attr-defined]
         if self.attributor.statistics.count.item() > 0:
             return  # resumed: the statistics came with the checkpoint
         datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
@@ -171,6 +180,22 @@ class ReadoutModule(pl.LightningModule):
         self.attributor.estimate(
             datamodule.estimate_dataloader(), max_samples=per_rank, progress=self.trainer.is_global_zero
         )
+
+    def check_teacher(self, teacher: TeacherMaps | None) -> None:
+        """Raises ValueError where ``model.distill_weight`` has no teacher, or one of another classifier."""
+        if not self.hparams.get("distill_weight", 0.0):
+            return
+        if teacher is None:
+            raise ValueError(
+                "model.distill_weight needs teacher maps: set data.teacher to a file made by "
+                "python -m readout.teacher on the training shards"
+            )
+        if teacher.info.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"data.teacher {teacher.path} was made with classifier {teacher.info.classifier!r} "
+                f"(fingerprint {teacher.info.fingerprint}), not the configured "
+                f"{self.attributor.classifier.name!r} (fingerprint {self.fingerprint})"
+            )
 
     # ----------------------------------------------------------------------------------------------------
     # Steps
@@ -207,7 +232,13 @@ class ReadoutModule(pl.LightningModule):
         ce = F.cross_entropy(logits_bottleneck, labels)
         information = kl.flatten(1).sum(1)
         loss = ce + self.current_beta() / self.attributor.k * information.mean()
+        out = {}
+        weight = self.hparams.get("distill_weight", 0.0)
+        if weight and "teacher" in batch:
+            out["distill"] = distill_loss(kl, batch["teacher"])
+            loss = loss + weight * out["distill"]
         return {
+            **out,
             "loss": loss,
             "ce": ce,
             "bits": information.mean() / LN2,
@@ -245,6 +276,7 @@ class ReadoutModule(pl.LightningModule):
                 "train/top1_bottleneck": (out["logits_bottleneck"].argmax(1) == labels).float().mean(),
                 "train/beta": self.current_beta(),
                 "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                **({"train/distill": out["distill"]} if "distill" in out else {}),
             },
             batch_size=size,
             prog_bar=False,
@@ -390,6 +422,22 @@ class ReadoutModule(pl.LightningModule):
                 f"{stored['fingerprint']}), not on the configured {self.attributor.classifier.name!r} "
                 f"(fingerprint {self.fingerprint}): set model.classifier/model.weights to match it"
             )
+
+
+def distill_loss(kl: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """KL(teacher ‖ readout) between where two maps place their information, mean over the batch.
+
+    ``kl``: the readout's information (B, C, h, w); ``teacher``: the Per-Sample maps (B, 1, H, W)
+    over the same crops, averaged down to (h, w). Each map, summed over channels, is made a
+    distribution over the h·w locations, so the term shapes *where* the information goes and
+    leaves *how much* to CE + β·KL. Zero when the readout's map is the teacher's up to scale.
+    """
+    grid = (int(kl.shape[-2]), int(kl.shape[-1]))
+    target = F.adaptive_avg_pool2d(teacher.float(), grid).flatten(1).clamp_min(0) + eps
+    target = target / target.sum(1, keepdim=True)
+    student = kl.sum(1).flatten(1).clamp_min(0) + eps
+    log_student = student.log() - student.sum(1, keepdim=True).log()
+    return (target * (target.log() - log_student)).sum(1).mean()
 
 
 def lr_factor(step: int, warmup: int, total: int | None) -> float:

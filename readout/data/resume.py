@@ -18,7 +18,8 @@ from torchvision.transforms import v2
 from readout.data.device_decode import DeviceTrainTransform, RawJpeg, raw_jpeg
 from readout.data.format import SampleError, ShardSample, check_sample
 from readout.data.shards import ShardDataset
-from readout.data.transforms import eval_transform
+from readout.data.teacher import TeacherMaps
+from readout.data.transforms import eval_transform, transform_sample
 
 
 class ResumableShards(ShardDataset):
@@ -37,9 +38,17 @@ class ResumableShards(ShardDataset):
     passing_over = False
 
     def __init__(
-        self, *args: Any, device_transform: DeviceTrainTransform | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        device_transform: DeviceTrainTransform | None = None,
+        teacher: TeacherMaps | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if teacher is not None and device_transform is not None:
+            raise ValueError("teacher maps need data.decode cpu (the crops are applied to them there)")
+        self.teacher = teacher
+        """With one, each element carries its sample's teacher map (``teacher``), cropped as its image."""
         self.skip_batches = 0
         """Batches of this rank's next iteration to pass over; consumed by the copy that iterates."""
         self.device_transform = device_transform
@@ -51,6 +60,10 @@ class ResumableShards(ShardDataset):
     def element(self, decoded: Any) -> dict[str, Any]:
         if isinstance(decoded, RawJpeg) and self.device_transform is not None:
             return self.device_transform.element(decoded)
+        if self.teacher is not None:
+            # a passed-over sample is dropped with its batch: a 1-pixel stand-in keeps batches alike
+            map_ = PASSED_OVER_MAP if self.passing_over else self.teacher[decoded.key]
+            return transform_sample(decoded, self.transform, map_)
         return super().element(decoded)
 
     @property  # type: ignore[override]
@@ -98,6 +111,7 @@ class ResumableShards(ShardDataset):
 #: What a passed-over sample holds: its key and label, a 1-pixel image, no box, no mask.
 PASSED_OVER_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 PASS_OVER_TRANSFORM = eval_transform(None, None)
+PASSED_OVER_MAP = np.zeros((1, 1), dtype=np.float32)
 
 
 class ResumedLoader(DataLoader):

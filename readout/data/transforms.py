@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -46,11 +48,15 @@ def eval_transform(resize: int | None = 256, crop: int | None = 224) -> v2.Compo
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True)])
 
 
-def transform_sample(sample: ShardSample, transform: v2.Transform) -> dict[str, Any]:
+def transform_sample(
+    sample: ShardSample, transform: v2.Transform, teacher: np.ndarray | None = None
+) -> dict[str, Any]:
     """A decoded sample -> one element of a batch (see :mod:`readout.data.shards` for the format).
 
     image: (3, H, W) float32 in [0, 1]; label: int64 scalar; box_mask, mask: (H, W) bool;
     has_mask: bool scalar; key: str. A sample without mask gets an all-False one.
+    ``teacher``: a map (h, w) over the whole image (:mod:`readout.teacher`), resized to the image's
+    canvas and moved through the same geometry, then ``teacher``: (1, H, W) float32 of the element.
     """
     height, width = sample.image.shape[:2]
     image = tv_tensors.Image(torch.from_numpy(sample.image).permute(2, 0, 1))
@@ -66,7 +72,16 @@ def transform_sample(sample: ShardSample, transform: v2.Transform) -> dict[str, 
         else torch.zeros(height, width, dtype=torch.bool)
     )
     mask = tv_tensors.Mask(mask_array.to(torch.uint8)[None])
-    image, boxes, mask = transform(image, boxes, mask)
+    extra: dict[str, Any] = {}
+    if teacher is not None:
+        canvas = F.interpolate(
+            torch.from_numpy(teacher)[None, None].float(), size=(height, width), mode="bilinear"
+        )
+        # an Image, not a Mask: crops resize it bilinearly; ToDtype leaves a float32 image as it is
+        image, boxes, mask, map_ = transform(image, boxes, mask, tv_tensors.Image(canvas[0]))
+        extra["teacher"] = map_.as_subclass(torch.Tensor)
+    else:
+        image, boxes, mask = transform(image, boxes, mask)
     if image.dtype != torch.float32:
         raise ValueError("the transform must end in v2.ToDtype(torch.float32, scale=True)")
     out_height, out_width = image.shape[-2:]
@@ -77,4 +92,5 @@ def transform_sample(sample: ShardSample, transform: v2.Transform) -> dict[str, 
         "mask": mask.as_subclass(torch.Tensor)[0] > 0,
         "has_mask": torch.tensor(has_mask),
         "key": sample.key,
+        **extra,
     }

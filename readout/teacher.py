@@ -1,0 +1,137 @@
+"""``python -m readout.teacher``: Per-Sample maps of the training images, the teacher of a distilled readout.
+
+    python -m readout.teacher --classifier synthetic-cnn --shards data/synthetic/train \
+        --layer block2 --out data/synthetic/train-teacher.safetensors
+
+Each training image is fitted by the Per-Sample Bottleneck (the paper's settings, β = ``--beta``/k,
+for its label) and its information map, summed over channels (bits per bottleneck location,
+(h, w)), is stored under the sample's key. ``readout.fit`` reads the file with ``--data.teacher``,
+carries each map through the same random crop and flip as its image, and ``--model.distill_weight``
+adds a term that pulls the readout's map towards it (:func:`readout.lit.distill_loss`).
+
+The images are fitted whole, resized to the classifier's input size (the synthetic set's are that
+size already), so a map covers the canvas its image's crops are drawn from. Work is written in
+chunks under ``<out>.partial/``: a run stopped part-way resumes at the first chunk not written, and
+the file appears, whole, only at the end. The file is safetensors (no code runs on loading): one
+float16 tensor ``maps`` (N, h, w) and, in its metadata, the keys and how the maps were made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from readout.backbones import load_classifier
+from readout.data.shards import ShardDataset, make_loader, resolve_shards
+from readout.data.teacher import FORMAT
+from readout.export import classifier_fingerprint
+from readout.per_sample import PerSample
+
+
+def teacher_settings(args: argparse.Namespace, fingerprint: str) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "classifier": args.classifier,
+        "fingerprint": fingerprint,
+        "layer": args.layer,
+        "beta": str(args.beta),
+        "seed": str(args.seed),
+        "shards": str(args.shards),
+        "estimate_samples": str(args.estimate_samples),
+    }
+
+
+def compute(args: argparse.Namespace) -> Path:
+    """Fits every training image, chunk by chunk; returns the teacher file."""
+    out = Path(args.out)
+    classifier = load_classifier(args.classifier, weights=args.weights, weights_path=args.weights_path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = teacher_settings(args, classifier_fingerprint(classifier))
+    partial = Path(f"{out}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    recorded = partial / "settings.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != settings:
+        raise ValueError(
+            f"{partial} holds chunks made with other settings ({recorded}); remove it, or give the "
+            "settings it was started with"
+        )
+    recorded.write_text(json.dumps(settings, indent=2) + "\n")
+
+    size = classifier.input_size
+    transform = v2.Compose([v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True)])
+    shards = resolve_shards(args.shards)
+    attributor = PerSample(classifier, layer=args.layer, beta=args.beta, seed=args.seed)
+    statistics = partial / "statistics.safetensors"
+    if statistics.exists():
+        attributor.statistics.load_state_dict(load_file(statistics))
+    else:
+        loader = make_loader(shards, "eval", args.batch_size, 0, transform=transform)
+        attributor.estimate(loader, max_samples=args.estimate_samples)
+        save_file({k: v.contiguous() for k, v in attributor.statistics.state_dict().items()}, statistics)
+
+    loader = make_loader(shards, "eval", args.batch_size, 0, transform=transform)
+    dataset = loader.dataset
+    assert isinstance(dataset, ShardDataset)
+    chunks: list[Path] = []
+    bar = tqdm(total=shards.total_samples, desc="teacher maps", unit="img")
+    for index, batch in enumerate(loader):
+        chunk = partial / f"chunk-{index:06d}.safetensors"
+        chunks.append(chunk)
+        if not chunk.exists():
+            with torch.no_grad():
+                # noise seeded per chunk, so that a resumed run draws what an uninterrupted one would
+                generator = attributor.generator
+                assert generator is not None
+                generator.manual_seed(args.seed + index)
+                explanation = attributor.explain(batch["image"], target=batch["label"])
+            maps = explanation.information.sum(1).to(torch.float16).contiguous()
+            save_file({"maps": maps}, f"{chunk}.tmp", metadata={"keys": json.dumps(list(batch["key"]))})
+            os.replace(f"{chunk}.tmp", chunk)
+        bar.update(len(batch["key"]))
+    bar.close()
+    if dataset.health().bad:
+        print(f"skipped as unreadable (no map): {dataset.health().reasons}")
+
+    keys: list[str] = []
+    parts: list[torch.Tensor] = []
+    for chunk in chunks:
+        with safe_open(str(chunk), framework="pt") as handle:
+            keys += json.loads((handle.metadata() or {})["keys"])
+            parts.append(handle.get_tensor("maps"))
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the shards {args.shards} hold a key more than once: maps cannot be looked up")
+    save_file({"maps": torch.cat(parts)}, f"{out}.tmp", metadata={**settings, "keys": json.dumps(keys)})
+    os.replace(f"{out}.tmp", out)
+    shutil.rmtree(partial)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m readout.teacher", description=__doc__.splitlines()[0])
+    parser.add_argument("--classifier", default="synthetic-cnn", help="a name or a saved classifier's path")
+    parser.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weight entry")
+    parser.add_argument("--weights-path", default=None, help="a local weights file instead of the hub cache")
+    parser.add_argument("--shards", required=True, help="the training shards (as data.train_shards)")
+    parser.add_argument("--layer", required=True, help="the Per-Sample layer (the readout's, usually)")
+    parser.add_argument("--beta", type=float, default=10.0, help="β·k of the Per-Sample fit")
+    parser.add_argument("--out", required=True, help="the teacher file (safetensors)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--estimate-samples", type=int, default=2000, help="training images for μ/σ")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fit's noise")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    print(f"teacher maps in {compute(args)}")
+
+
+if __name__ == "__main__":
+    main()
