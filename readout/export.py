@@ -61,8 +61,13 @@ def export_bundle(
     classifier: dict[str, Any],
     beta: float,
     fingerprint: str | None = None,
+    training: dict[str, Any] | None = None,
 ) -> str:
-    """Writes the bundle to directory ``out``; ``classifier`` holds how to load it (name, weights, path)."""
+    """Writes the bundle to directory ``out``; ``classifier`` holds how to load it (name, weights, path).
+
+    ``training``: how it was trained (``readout.fit`` records its command line, the resolved config,
+    the optimiser steps and the minutes), kept in ``readout.json`` for the record; loading ignores it.
+    """
     net = attributor.classifier
     config = {
         "format": FORMAT,
@@ -86,6 +91,7 @@ def export_bundle(
         "min_std": attributor.statistics.min_std,
         "active_threshold": attributor.statistics.active_threshold,
         "hidden": attributor.hidden,
+        **({"training": training} if training is not None else {}),
     }
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
@@ -93,7 +99,7 @@ def export_bundle(
     # Write under temporary names, then rename: a killed export never leaves a half bundle.
     for name, payload in [
         (WEIGHTS_FILE, save_safetensors(state)),
-        (CONFIG_FILE, json.dumps(config, indent=2).encode()),
+        (CONFIG_FILE, json.dumps(config, indent=2, default=str).encode()),
     ]:
         target = f"{root.rstrip('/')}/{name}"
         with fs.open(target + ".tmp", "wb") as handle:
@@ -218,15 +224,15 @@ def export_checkpoint(checkpoint: str, out: str, allow_import: bool = False) -> 
     return export_module(module, out)
 
 
-def export_module(module: Any, out: str) -> str:
-    """Exports a trained :class:`readout.lit.ReadoutModule`."""
+def export_module(module: Any, out: str, training: dict[str, Any] | None = None) -> str:
+    """Exports a trained :class:`readout.lit.ReadoutModule` (``training``: see :func:`export_bundle`)."""
     hparams = module.hparams
     classifier = {
         "name": hparams.classifier,
         "weights": hparams.weights,
         "weights_path": hparams.weights_path,
     }
-    return export_bundle(module.attributor, out, classifier, hparams.beta, module.fingerprint)
+    return export_bundle(module.attributor, out, classifier, hparams.beta, module.fingerprint, training)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,8 +22,11 @@ from __future__ import annotations
 import glob
 import posixpath
 import re
+import shlex
 import sys
+import time
 import traceback
+from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
@@ -234,6 +237,7 @@ def main(args: list[str] | None = None) -> ReadoutCLI:
     check_input_size(cli.model, cli.datamodule)
     ckpt_path = checkpoint_to_resume(cli.config.ckpt_path, trainer.default_root_dir, cli.model)
     explain_observer_kills(trainer)
+    started = time.perf_counter()
     try:
         trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
@@ -246,7 +250,15 @@ def main(args: list[str] | None = None) -> ReadoutCLI:
         raise
     if trainer.is_global_zero and not trainer.interrupted:
         out = cli.config.export_dir or join_path(trainer.default_root_dir, "export")
-        export_module(cli.model, out)
+        training = {
+            "command": shlex.join(["python", "-m", "readout.fit", *(sys.argv[1:] if args is None else args)]),
+            "config": cli.config.as_dict(),
+            "steps": trainer.global_step,
+            "minutes": round((time.perf_counter() - started) / 60, 2),  # this process's share of the run
+            "resumed_from": ckpt_path,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        export_module(cli.model, out, training)
         print(f"exported the readout to {out}")
     return cli
 

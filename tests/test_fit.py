@@ -7,6 +7,7 @@ synthetic-cnn on 64-px shards that takes a few seconds.
 from __future__ import annotations
 
 import io
+import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -267,7 +268,12 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
     statistics = second.model.attributor.statistics
     assert statistics.count.item() == 8
     torch.testing.assert_close(statistics.total, uninterrupted.model.attributor.statistics.total)
-    assert (tmp_path / "run" / "export" / "readout.json").is_file()
+    # the bundle records how it was trained: this process's command and config, and the resume
+    training = json.loads((tmp_path / "run" / "export" / "readout.json").read_text())["training"]
+    assert training["command"].startswith("python -m readout.fit --config ")
+    assert training["command"].endswith("--ckpt_path last") and training["steps"] == 6
+    assert training["resumed_from"].endswith("last.ckpt") and training["minutes"] >= 0
+    assert training["config"]["model"]["beta"] == 1.0 and training["config"]["data"]["batch_size"] == 4
 
 
 def test_a_run_in_an_fsspec_url_resumes_from_its_last_checkpoint(
