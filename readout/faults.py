@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -36,6 +38,11 @@ class BadDataError(RuntimeError):
     """Too many training samples were corrupt; the message names the worst shards."""
 
 
+SIGNAL_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
+#: One JSON line per requeue asked for, in the run directory: job, step, time, signal, checkpoint.
+REQUEUE_LOG = "requeues.jsonl"
+
+
 def next_signal_checkpoint(root: str) -> str:
     """``root/hpc_ckpt_{n}.ckpt`` with n one past the highest there: the name Lightning's SLURM resume
     looks for, and one that ``--ckpt_path last`` finds."""
@@ -44,8 +51,70 @@ def next_signal_checkpoint(root: str) -> str:
         names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         names = []
-    numbers = [int(m.group(1)) for n in names if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", n))]
+    numbers = [int(m.group(1)) for n in names if (m := SIGNAL_CHECKPOINT.fullmatch(n))]
     return os.path.join(root, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+
+
+def prune_signal_checkpoints(root: str, keep: int) -> list[str]:
+    """Removes all but the newest ``keep`` (>= 1) ``hpc_ckpt_{n}.ckpt`` in ``root``; the paths removed.
+
+    A job requeued every day leaves one per requeue, each a whole training state; the newest is
+    what ``--ckpt_path last`` resumes from, and one before it is kept by default in case it is bad.
+    """
+    if keep < 1:
+        raise ValueError(f"keep_signal_checkpoints must be >= 1, got {keep}")
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+    numbered = sorted((int(m.group(1)), n) for n in names if (m := SIGNAL_CHECKPOINT.fullmatch(n)))
+    removed = [posixpath.join(path, name) for _, name in numbered[:-keep]]
+    for old in removed:
+        fs.rm(old)
+    return removed
+
+
+def read_requeues(root: str) -> list[dict[str, Any]]:
+    """The entries of ``root/requeues.jsonl``, oldest first; a line cut short by a crash is left out."""
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        with fs.open(posixpath.join(path, REQUEUE_LOG), "r") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+def record_requeue(root: str, entry: dict[str, Any]) -> None:
+    """Appends ``entry`` to ``root/requeues.jsonl`` (rewritten whole: fsspec has no append everywhere)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    fs.makedirs(path, exist_ok=True)
+    lines = [json.dumps(e) for e in [*read_requeues(root), entry]]
+    target = posixpath.join(path, REQUEUE_LOG)
+    with fs.open(target + ".tmp", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    fs.mv(target + ".tmp", target)
+
+
+def no_progress(root: str, step: int) -> str | None:
+    """Why a requeue at ``step`` is refused: the last requeue of the run was at this very step, so
+    the job would come back to the same point (a signal in start-up, every time); None otherwise."""
+    earlier = [e for e in read_requeues(root) if e.get("requeued")]
+    if not earlier or earlier[-1].get("step") != step:
+        return None
+    return (
+        f"not requeueing: the run is at step {step}, as at its last requeue (job "
+        f"{earlier[-1].get('job')}, {earlier[-1].get('time')}), so it has made no progress since. "
+        f"See {posixpath.join(root, REQUEUE_LOG)}; resume by hand with --ckpt_path last once the "
+        "cause is fixed"
+    )
 
 
 def slurm_job_id() -> str:
@@ -94,7 +163,10 @@ class Preemption(pl.Callback):
     ``--ckpt_path last`` in the same run directory.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_signal_checkpoints: int = 2) -> None:
+        if keep_signal_checkpoints < 1:
+            raise ValueError(f"keep_signal_checkpoints must be >= 1, got {keep_signal_checkpoints}")
+        self.keep_signal_checkpoints = keep_signal_checkpoints
         self.received: str | None = None
         self.saved: str | None = None
         self.requeued: str | None = None
@@ -144,12 +216,15 @@ class Preemption(pl.Callback):
         requeue = self._requeue_signal is not None and trainer.strategy.reduce_boolean_decision(
             self._requeue_asked, all=False
         )
-        path = trainer.strategy.broadcast(next_signal_checkpoint(trainer.default_root_dir))
+        root = trainer.default_root_dir
+        path = trainer.strategy.broadcast(next_signal_checkpoint(root))
         trainer.save_checkpoint(path)
         self.saved = path
+        if trainer.is_global_zero:
+            prune_signal_checkpoints(root, self.keep_signal_checkpoints)
         if requeue:
             if trainer.is_global_zero:
-                self.requeued = requeue_slurm_job()
+                self.requeued = self._requeue(root, trainer.global_step, path)
             trainer.strategy.barrier("readout-requeue")  # no rank exits before the job is requeued
         rank_zero_info(
             f"{self.received or 'a signal to another rank'}: stopping after step {trainer.global_step}, "
@@ -158,6 +233,25 @@ class Preemption(pl.Callback):
             + "; resume with --ckpt_path last"
         )
         raise SIGTERMException()
+
+    def _requeue(self, root: str, step: int, checkpoint: str) -> str | None:
+        """Requeues the job unless it made no progress since its last requeue (:func:`no_progress`);
+        either way the attempt goes into ``requeues.jsonl``."""
+        refused = no_progress(root, step)
+        if refused is not None:
+            rank_zero_warn(refused)
+        job = None if refused is not None else requeue_slurm_job()
+        entry = {
+            "job": os.environ.get("SLURM_JOB_ID"),
+            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "step": step,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "signal": self.received,
+            "checkpoint": checkpoint,
+            "requeued": job is not None,
+        }
+        record_requeue(root, entry)
+        return job
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()

@@ -73,6 +73,13 @@ class ReadoutCLI(LightningCLI):
             "checkpoint dirpaths and export_dir that lie under the config's default_root_dir move with it",
         )
 
+        parser.add_argument(
+            "--keep_signal_checkpoints",
+            type=int,
+            default=2,
+            help="hpc_ckpt_*.ckpt files (one per preemption) kept in the run directory, newest first",
+        )
+
     def before_instantiate_classes(self) -> None:
         if self.config.run_dir is not None:
             move_run(self.config, self.config.run_dir)
@@ -234,6 +241,9 @@ def main(args: list[str] | None = None) -> ReadoutCLI:
         parser_kwargs={"prog": "python -m readout.fit", "description": __doc__.splitlines()[0]},
     )
     trainer = cli.trainer
+    if cli.config.keep_signal_checkpoints < 1:
+        raise ValueError(f"--keep_signal_checkpoints must be >= 1, got {cli.config.keep_signal_checkpoints}")
+    preemption.keep_signal_checkpoints = cli.config.keep_signal_checkpoints
     check_input_size(cli.model, cli.datamodule)
     ckpt_path = checkpoint_to_resume(cli.config.ckpt_path, trainer.default_root_dir, cli.model)
     explain_observer_kills(trainer)
