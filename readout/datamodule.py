@@ -35,6 +35,19 @@ def leave_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def check_workers(num_workers: int | str, environ: Mapping[str, str] = os.environ) -> None:
+    """Raises ValueError where ``num_workers`` loader processes and the rank's own would need more
+    cores than SLURM gave the task (``--cpus-per-task``); ``auto`` always fits."""
+    allotted = environ.get("SLURM_CPUS_PER_TASK")
+    if not allotted or not isinstance(num_workers, int) or num_workers < int(allotted):
+        return
+    raise ValueError(
+        f"data.num_workers is {num_workers}: with the rank's own process that is {num_workers + 1} busy "
+        f"processes on the {allotted} cores of --cpus-per-task={allotted}. Set data.num_workers auto "
+        f"({int(allotted) - 1} here) or at most {int(allotted) - 1}, or ask for more cores"
+    )
+
+
 def auto_workers(devices_per_node: int, environ: Mapping[str, str] = os.environ) -> int:
     """Loader workers per rank for ``num_workers: auto``: the CPU cores this rank may use, less one for
     the rank's own process.
@@ -107,6 +120,7 @@ class ReadoutDataModule(pl.LightningDataModule):
         super().__init__()
         if num_workers != "auto" and (not isinstance(num_workers, int) or num_workers < 0):
             raise ValueError(f"data.num_workers must be 'auto' or an integer >= 0, got {num_workers!r}")
+        check_workers(num_workers)
         if not 0 <= max_bad_share <= 1:
             raise ValueError(f"data.max_bad_share must be in [0, 1], got {max_bad_share}")
         if decode not in ("cpu", "device"):

@@ -14,6 +14,12 @@
 #   GPUS_PER_NODE  processes (GPUs) per node (default SLURM_NTASKS_PER_NODE, set by --ntasks-per-node)
 #   PYTHON         the interpreter (default .venv/bin/python if there is one, else python)
 #
+# Checked before anything starts: GPUs per node (--gres) against processes per node (--ntasks-per-node);
+# readout.fit checks data.num_workers against --cpus-per-task (`auto` takes cpus-per-task - 1).
+# Memory: 4 GB per core (32 GB per process with 8 cores) is an estimate for ImageNet loaders (8 workers,
+# shuffle buffers of JPEG bytes) plus a CUDA process, not a measurement; raise it where a job is killed
+# for memory. CPU nodes: sbatch --gres=none slurm/train_readout.sh --trainer.accelerator cpu ...
+#
 # One process per GPU, started by srun, so Lightning uses its SLURMEnvironment: ranks from SLURM_PROCID
 # and the address of the first node. 90 s before the time limit SLURM sends SIGUSR1; readout.fit (not
 # Lightning's own handler) finishes the running step, all ranks agree, rank 0 saves
@@ -26,6 +32,7 @@
 #SBATCH --ntasks-per-node=4
 #SBATCH --gres=gpu:4
 #SBATCH --cpus-per-task=8
+#SBATCH --mem-per-cpu=4G
 #SBATCH --time=24:00:00
 #SBATCH --signal=SIGUSR1@90
 #SBATCH --requeue
@@ -40,6 +47,18 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
 fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
+# One process per GPU: SLURM_GPUS_ON_NODE is what --gres=gpu:N (or --gpus-per-node) gave this node.
+if [[ -n "${SLURM_GPUS_ON_NODE:-}" && "${SLURM_GPUS_ON_NODE}" != "0" \
+      && "${SLURM_GPUS_ON_NODE}" != "$GPUS_PER_NODE" ]]; then
+    echo "error: this node has ${SLURM_GPUS_ON_NODE} GPU(s) (--gres=gpu:${SLURM_GPUS_ON_NODE}) but starts" \
+        "${GPUS_PER_NODE} process(es) (--ntasks-per-node=${GPUS_PER_NODE}): ask for as many of each," \
+        "e.g. sbatch --ntasks-per-node=${SLURM_GPUS_ON_NODE} --gres=gpu:${SLURM_GPUS_ON_NODE}" >&2
+    exit 2
+fi
+if [[ -n "${SLURM_JOB_ID:-}" && -z "${SLURM_GPUS_ON_NODE:-}${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    echo "note: no GPU was given to this job (--gres=none?): pass --trainer.accelerator cpu" \
+        "--trainer.precision 32-true unless the config says so" >&2
+fi
 NUM_NODES=${SLURM_NNODES:-1}
 RUN_DIR=${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)-${SLURM_JOB_ID:-local}}
 # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05; the data loaders want them.

@@ -22,6 +22,7 @@ import torch
 from test_fit import REPO, clean_env, tiny_config, write_config
 
 from readout.data.synthetic import write_shards
+from readout.datamodule import check_workers
 from readout.faults import requeue_slurm_job
 
 SCRIPT = REPO / "slurm" / "train_readout.sh"
@@ -43,6 +44,25 @@ def test_headers_ask_for_one_task_per_gpu_the_requeue_signal_and_requeue():
     assert headers["--signal"] == "SIGUSR1@90"
     assert "--requeue" in headers
     assert headers["--open-mode"] == "append"  # a requeue would truncate the job's log otherwise
+    assert headers["--mem-per-cpu"].endswith("G")  # admins want a memory request in the headers
+
+
+@pytest.mark.parametrize("gpus, tasks", [("2", "4"), ("8", "4")])
+def test_the_script_refuses_gpus_that_differ_from_the_processes_per_node(tmp_path, gpus, tasks):
+    env = slurm_env(tmp_path / "run", tmp_path / "none.yaml", tmp_path / "scontrol.log")
+    env.update(SLURM_GPUS_ON_NODE=gpus, SLURM_NTASKS_PER_NODE=tasks, PYTHON="false")
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"--gres=gpu:{gpus}" in result.stderr and f"--ntasks-per-node={tasks}" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_loader_workers_must_leave_the_rank_a_core_of_cpus_per_task():
+    check_workers(7, {"SLURM_CPUS_PER_TASK": "8"})
+    check_workers("auto", {"SLURM_CPUS_PER_TASK": "8"})
+    check_workers(64, {})  # outside SLURM nothing is allotted
+    with pytest.raises(ValueError, match=r"data.num_workers is 8.*--cpus-per-task=8.*auto \(7 here\)"):
+        check_workers(8, {"SLURM_CPUS_PER_TASK": "8"})
 
 
 def slurm_env(run_dir: Path, config: Path, requeue_log: Path) -> dict[str, str]:
