@@ -8,7 +8,7 @@ map with everything else a user or a report wants to know (:class:`Explanation`)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -167,12 +167,21 @@ class BottleneckAttributor(nn.Module):
         batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]],
         max_samples: int | None = None,
         progress: bool = True,
-    ) -> None:
+        stop: Callable[[], bool] | None = None,
+    ) -> bool:
         """Adds the activations of ``batches`` to every statistics the attributor holds (μ, σ over data),
-        then sums them over ranks when a process group is running."""
+        then sums them over ranks when a process group is running; True.
+
+        ``stop``: asked before each batch; when it says so the estimate ends there and returns False,
+        with the sums of this process so far (not summed over ranks): a part to continue from.
+        """
         device = self.classifier.mean.device
-        bar = tqdm(total=max_samples, desc="estimating μ/σ", unit="img", disable=not progress)
+        done = int(self.statistics.count.item())
+        bar = tqdm(total=max_samples, initial=done, desc="estimating μ/σ", unit="img", disable=not progress)
         for batch in batches:
+            if stop is not None and stop():
+                bar.close()
+                return False
             images = images_of(batch).to(device)
             if max_samples is not None:
                 images = images[: max_samples - int(self.statistics.count.item())]
@@ -183,6 +192,7 @@ class BottleneckAttributor(nn.Module):
         bar.close()
         for statistics in self.all_statistics():
             statistics.all_reduce()
+        return True
 
     def update_statistics(self, images: torch.Tensor) -> None:
         """Adds one batch of images to the statistics; subclasses with more statistics extend it."""

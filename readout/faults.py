@@ -23,13 +23,15 @@ import sys
 import threading
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import fsspec
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from readout.signals import hand_over
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +105,16 @@ def record_requeue(root: str, entry: dict[str, Any]) -> None:
     fs.mv(target + ".tmp", target)
 
 
-def no_progress(root: str, step: int) -> str | None:
-    """Why a requeue at ``step`` is refused: the last requeue of the run was at this very step, so
-    the job would come back to the same point (a signal in start-up, every time); None otherwise."""
+def no_progress(root: str, step: int, estimated: int | None = None) -> str | None:
+    """Why a requeue at ``step`` is refused: the last requeue of the run was at this very step (and,
+    before the first step, after as many μ/σ samples: ``estimated``), so the job would come back to
+    the same point (a signal in start-up, every time); None otherwise."""
     earlier = [e for e in read_requeues(root) if e.get("requeued")]
-    if not earlier or earlier[-1].get("step") != step:
+    if not earlier or (earlier[-1].get("step"), earlier[-1].get("estimated")) != (step, estimated):
         return None
+    where = f"step {step}" + ("" if estimated is None else f" with {estimated} μ/σ samples")
     return (
-        f"not requeueing: the run is at step {step}, as at its last requeue (job "
+        f"not requeueing: the run is at {where}, as at its last requeue (job "
         f"{earlier[-1].get('job')}, {earlier[-1].get('time')}), so it has made no progress since. "
         f"See {posixpath.join(root, REQUEUE_LOG)}; resume by hand with --ckpt_path last once the "
         "cause is fixed"
@@ -168,10 +172,11 @@ class Preemption(pl.Callback):
             raise ValueError(f"keep_signal_checkpoints must be >= 1, got {keep_signal_checkpoints}")
         self.keep_signal_checkpoints = keep_signal_checkpoints
         self.received: str | None = None
+        self._numbers: set[int] = set()  # every signal number received
+        self._early: dict[int, Any] = {}  # handlers replaced by install_early
         self.saved: str | None = None
         self.requeued: str | None = None
         self._requeue_signal: signal.Signals | None = None
-        self._requeue_asked = False
         self._environment: SLURMEnvironment | None = None
         self._replaced: dict[int, Any] = {}
 
@@ -202,7 +207,50 @@ class Preemption(pl.Callback):
 
     def _handler(self, number: int, frame: FrameType | None) -> None:
         self.received = self.received or signal.Signals(number).name
-        self._requeue_asked = self._requeue_asked or number == self._requeue_signal
+        self._numbers.add(number)
+
+    @property
+    def _requeue_asked(self) -> bool:
+        """Whether the requeue signal came (judged when it is known: before ``setup`` it is not)."""
+        return self._requeue_signal is not None and self._requeue_signal in self._numbers
+
+    def install_early(self) -> None:
+        """Sets the flag-only handler for SIGTERM and SIGUSR1 from ``readout.fit``'s first line on.
+
+        Lightning registers its handlers only after ``on_fit_start`` (where the μ/σ estimate runs),
+        so a signal during start-up or the estimate would otherwise meet the default action, which
+        for SIGUSR1 kills the process (a SLURM job ``FAILED`` with exit code 138, no checkpoint, no
+        requeue). With this the signal is remembered, the estimate stops and keeps its part, and the
+        job is requeued (:meth:`stop_before_training`). :meth:`uninstall_early` puts back what was there.
+        """
+        if self._early or threading.current_thread() is not threading.main_thread():
+            return
+        numbers, caught = hand_over()  # what readout.fit's first lines caught, before its imports
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            self._early[signum] = caught.get(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handler)
+        for number in numbers:
+            self._handler(number, None)
+
+    def uninstall_early(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._early.items():
+                signal.signal(signum, previous)
+        self._early = {}
+
+    def stop_before_training(self, trainer: pl.Trainer, where: str, estimated: int) -> NoReturn:
+        """Stops a run that a signal reached before its first training step (``where``: what was kept),
+        requeueing the job under SLURM when the requeue signal came; raises ``SIGTERMException``."""
+        if self._requeue_asked and trainer.is_global_zero:
+            self.requeued = self._requeue(
+                trainer.default_root_dir, trainer.global_step, None, estimated=estimated
+            )
+        rank_zero_info(
+            f"{self.received}: stopped {where}"
+            + (f"; requeued SLURM job {self.requeued}" if self.requeued else "")
+            + "; run again with --ckpt_path last to go on"
+        )
+        raise SIGTERMException()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -234,10 +282,12 @@ class Preemption(pl.Callback):
         )
         raise SIGTERMException()
 
-    def _requeue(self, root: str, step: int, checkpoint: str) -> str | None:
+    def _requeue(
+        self, root: str, step: int, checkpoint: str | None, estimated: int | None = None
+    ) -> str | None:
         """Requeues the job unless it made no progress since its last requeue (:func:`no_progress`);
         either way the attempt goes into ``requeues.jsonl``."""
-        refused = no_progress(root, step)
+        refused = no_progress(root, step, estimated)
         if refused is not None:
             rank_zero_warn(refused)
         job = None if refused is not None else requeue_slurm_job()
@@ -248,6 +298,7 @@ class Preemption(pl.Callback):
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
             "signal": self.received,
             "checkpoint": checkpoint,
+            "estimated": estimated,
             "requeued": job is not None,
         }
         record_requeue(root, entry)

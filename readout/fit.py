@@ -19,6 +19,12 @@ is read.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below take seconds: see readout.signals
+    from readout.signals import catch_early
+
+    catch_early()
+
+
 import glob
 import posixpath
 import re
@@ -231,6 +237,14 @@ def resumable(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
 
 def main(args: list[str] | None = None) -> ReadoutCLI:
     preemption = Preemption()
+    preemption.install_early()  # before anything slow: a signal from here on is remembered, not fatal
+    try:
+        return run(preemption, args)
+    finally:
+        preemption.uninstall_early()
+
+
+def run(preemption: Preemption, args: list[str] | None) -> ReadoutCLI:
     cli = ReadoutCLI(
         ReadoutModule,
         ReadoutDataModule,

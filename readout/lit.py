@@ -8,23 +8,31 @@ checkpoints (they are identified by a fingerprint instead and restored from the 
 
 from __future__ import annotations
 
+import json
 import math
+import posixpath
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
+import fsspec
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torchmetrics.classification import MulticlassAccuracy
 
+from readout.attributor import images_of
 from readout.backbones import load_classifier
 from readout.bottleneck import LN2
-from readout.checkpointing import check_finite
+from readout.checkpointing import atomic_write, check_finite
 from readout.classifier import LOGITS, Classifier
 from readout.data.teacher import TeacherMaps
 from readout.export import classifier_fingerprint
+from readout.faults import Preemption
 from readout.plotting import heatmap_grid
 from readout.readout_bottleneck import ReadoutBottleneck
 
@@ -175,11 +183,65 @@ class ReadoutModule(pl.LightningModule):
         self.check_teacher(getattr(self.trainer.datamodule, "teacher", None))  # type: ignore[attr-defined]
         if self.attributor.statistics.count.item() > 0:
             return  # resumed: the statistics came with the checkpoint
-        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
-        per_rank = -(-self.hparams["estimate_samples"] // self.trainer.world_size)
-        self.attributor.estimate(
-            datamodule.estimate_dataloader(), max_samples=per_rank, progress=self.trainer.is_global_zero
-        )
+        trainer = self.trainer
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        per_rank = -(-self.hparams["estimate_samples"] // trainer.world_size)
+        part = posixpath.join(trainer.default_root_dir, "estimate", f"rank-{trainer.global_rank}.safetensors")
+        batches: Iterable[Any] = datamodule.estimate_dataloader()
+        done = self.load_partial_estimate(part, per_rank)
+        if done:
+            rank_zero_info(f"continuing the μ/σ estimate after {done} of {per_rank} samples ({part})")
+            batches = skip_samples(batches, done)
+        preemption = next((c for c in trainer.callbacks if isinstance(c, Preemption)), None)  # type: ignore[attr-defined]
+        stop = None if preemption is None else (lambda: preemption.received is not None)
+        if self.attributor.estimate(
+            batches, max_samples=per_rank, progress=trainer.is_global_zero, stop=stop
+        ):
+            remove_if_there(part)
+            return
+        assert preemption is not None
+        samples = int(self.attributor.statistics.count.item())
+        if samples > done:
+            atomic_write(part, self.partial_estimate(per_rank))
+        where = f"in the μ/σ estimate after {samples} of {per_rank} samples (kept in {part})"
+        preemption.stop_before_training(trainer, where if samples else "before the μ/σ estimate", samples)
+
+    def partial_estimate(self, per_rank: int) -> bytes:
+        """The sums of every statistics so far, for :meth:`load_partial_estimate` (safetensors)."""
+        tensors = {
+            f"{i}.{name}": value.detach().cpu().contiguous()
+            for i, statistics in enumerate(self.attributor.all_statistics())
+            for name, value in statistics.state_dict().items()
+        }
+        metadata = {
+            "fingerprint": self.fingerprint,
+            "per_rank": str(per_rank),
+            "world_size": str(self.trainer.world_size),
+        }
+        return save_safetensors(tensors, metadata=metadata)
+
+    def load_partial_estimate(self, url: str, per_rank: int) -> int:
+        """Loads the part of an estimate a signal stopped (:meth:`partial_estimate`); its samples, or 0
+        where there is none, or one of another classifier or number of ranks (then it is ignored)."""
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            return 0
+        payload = fs.cat_file(path)
+        metadata = safe_open_metadata(payload)
+        expected = {
+            "fingerprint": self.fingerprint,
+            "per_rank": str(per_rank),
+            "world_size": str(self.trainer.world_size),
+        }
+        if metadata != expected:
+            rank_zero_warn(
+                f"{url} is the part of another estimate ({metadata}, not {expected}): starting over"
+            )
+            return 0
+        tensors = load_safetensors(payload)
+        for i, statistics in enumerate(self.attributor.all_statistics()):
+            statistics.load_state_dict({name: tensors[f"{i}.{name}"] for name in statistics.state_dict()})
+        return int(self.attributor.statistics.count.item())
 
     def check_teacher(self, teacher: TeacherMaps | None) -> None:
         """Raises ValueError where ``model.distill_weight`` has no teacher, or one of another classifier."""
@@ -422,6 +484,29 @@ class ReadoutModule(pl.LightningModule):
                 f"{stored['fingerprint']}), not on the configured {self.attributor.classifier.name!r} "
                 f"(fingerprint {self.fingerprint}): set model.classifier/model.weights to match it"
             )
+
+
+def skip_samples(batches: Iterable[Any], samples: int) -> Iterator[Any]:
+    """The batches after the first ``samples`` images (whole batches: an estimate stops between them)."""
+    skipped = 0
+    for batch in batches:
+        if skipped >= samples:
+            yield batch
+        else:
+            skipped += len(images_of(batch))
+
+
+def remove_if_there(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def safe_open_metadata(payload: bytes) -> dict[str, str]:
+    """The metadata of a safetensors file in memory (its JSON header), without loading its tensors."""
+    size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + size])
+    return dict(header.get("__metadata__", {}))
 
 
 def distill_loss(kl: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
