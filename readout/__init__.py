@@ -35,7 +35,15 @@ _EXPORTS = {
     "save_classifier": "readout.backbones",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Classifier",
+    "PerSample",
+    "ReadoutBottleneck",
+    "RelevanceIBA",
+    "load",
+    "load_classifier",
+    "save_classifier",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from readout.data.device_decode import DeviceTrainTransform, check_jpeg_shards
-from readout.data.resume import ResumableShards, ResumedLoader
+from readout.data.resume import ResumableShards, ResumedLoader, TrainLoader
 from readout.data.shards import ShardSpec, make_loader, resolve_shards
 from readout.data.teacher import TeacherMaps
 from readout.data.transforms import eval_transform, train_transform
@@ -198,7 +198,7 @@ class ReadoutDataModule(pl.LightningDataModule):
             device_transform=self.device_transform,
             teacher=self.teacher,
         )
-        loader = DataLoader(
+        loader = TrainLoader(
             dataset,
             batch_size=None,
             num_workers=self.workers,

@@ -114,7 +114,24 @@ PASS_OVER_TRANSFORM = eval_transform(None, None)
 PASSED_OVER_MAP = np.zeros((1, 1), dtype=np.float32)
 
 
-class ResumedLoader(DataLoader):
+class TrainLoader(DataLoader):
+    """The training loader of ``readout.fit``: a DataLoader that tells Lightning it is resumable.
+
+    Its position is not kept in its own state: the data module reads it from the trainer's loop
+    when a run is restored (:meth:`readout.datamodule.ReadoutDataModule.resume_position`) and
+    builds a :class:`ResumedLoader`. ``state_dict``/``load_state_dict`` exist so that Lightning
+    recognises the loader as resumable (its ``_Stateful`` protocol) and does not warn, on every
+    resume, that the epoch's data will be unreliable; what they store is only this note.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": "restored from the fit loop by ReadoutDataModule.resume_position"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None  # the position is the fit loop's, restored before this loader was built
+
+
+class ResumedLoader(TrainLoader):
     """The train loader of a run resumed part-way into an epoch: its first iteration passes over
     ``skip`` batches (:class:`ResumableShards`, before decoding), so the run trains on the rest of the
     epoch an uninterrupted run would have seen."""
