@@ -9,7 +9,8 @@
 #
 # Environment (all optional):
 #   CONFIG         the readout.fit config (default configs/resnet50.yaml)
-#   RUN_DIR        one directory for the run's logs, checkpoints and bundle (default runs/<config>-<job id>);
+#   RUN_DIR        one directory for the run's logs, checkpoints and bundle (<RUN_DIR>/export, whatever the
+#                  config's export_dir says) (default runs/<config>-<job id>);
 #                  it stays the same across requeues, so a requeued job resumes from it
 #   GPUS_PER_NODE  processes (GPUs) per node (default SLURM_NTASKS_PER_NODE, set by --ntasks-per-node)
 #   PYTHON         the interpreter (default .venv/bin/python if there is one, else python)
@@ -73,5 +74,6 @@ srun --kill-on-bad-exit=1 "$PYTHON" -m readout.fit \
     --trainer.num_nodes "$NUM_NODES" \
     --trainer.devices "$GPUS_PER_NODE" \
     --run_dir "$RUN_DIR" \
+    --export_dir "$RUN_DIR/export" \
     --ckpt_path last \
     "$@"

@@ -128,6 +128,7 @@ def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resum
     config = tiny_config(tmp_path / "shards")  # 6 steps; the job's arguments say 5
     config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
     config["data"]["num_workers"] = 1  # a worker process gets SLURM's signal too
+    config["export_dir"] = str(tmp_path / "tracked-bundle")  # as configs/demo.yaml: outside the run
     config["trainer"]["callbacks"].append(
         {
             "class_path": "probe.Probe",
@@ -177,6 +178,7 @@ def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resum
         if "statistics" in key:
             assert torch.equal(last["state_dict"][key], value), key
     assert (run_dir / "export" / "readout.json").is_file()
+    assert not (tmp_path / "tracked-bundle").exists(), "a SLURM run wrote its bundle outside RUN_DIR"
     assert requeue_log.read_text() == f"requeue {JOB_ID}\n"  # the second run was not signalled
 
 
