@@ -324,6 +324,33 @@ class Preemption(pl.Callback):
             self._environment = None
 
 
+class FinalCheckpoint(pl.Callback):
+    """At the end of training, writes each ModelCheckpoint's ``last`` checkpoint again where the newest
+    one is not of the final step (``every_n_train_steps: 50`` over 375 steps left step 350).
+
+    Public API only: saves are seen in ``on_save_checkpoint``, and the path is the callback's
+    ``dirpath`` with its ``CHECKPOINT_NAME_LAST``. Not on an interrupted run (Preemption has saved).
+    """
+
+    def __init__(self) -> None:
+        self.saved_step: int | None = None
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.saved_step = checkpoint.get("global_step")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted or self.saved_step == trainer.global_step:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, pl.callbacks.ModelCheckpoint) and callback.save_last and callback.dirpath:
+                name = callback.CHECKPOINT_NAME_LAST.format(
+                    step=trainer.global_step, epoch=trainer.current_epoch
+                )
+                trainer.save_checkpoint(posixpath.join(callback.dirpath, name + callback.FILE_EXTENSION))
+
+
 class BadDataGuard(pl.Callback):
     """Logs ``data/bad_samples`` and ``data/bad_share`` of the training shards each step and stops the
     run (on every rank) once a rank is past ``datamodule.max_bad_share``, naming the worst shards."""

@@ -50,6 +50,7 @@ from readout.export import export_module
 from readout.faults import (
     BadDataError,
     BadDataGuard,
+    FinalCheckpoint,
     Preemption,
     explain_observer_kills,
     peer_failure_message,
@@ -250,7 +251,7 @@ def run(preemption: Preemption, args: list[str] | None) -> ReadoutCLI:
         ReadoutDataModule,
         run=False,
         args=args,
-        trainer_defaults={"callbacks": [preemption, BadDataGuard()]},
+        trainer_defaults={"callbacks": [preemption, BadDataGuard(), FinalCheckpoint()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "python -m readout.fit", "description": __doc__.splitlines()[0]},
     )

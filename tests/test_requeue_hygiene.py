@@ -10,6 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 import test_reliability as shared
+import torch
 from test_reliability import fit_args
 from test_slurm import FAKE_SLURM
 
@@ -109,3 +110,13 @@ def test_a_run_preempted_twice_keeps_only_the_newest_signal_checkpoints(shards, 
     assert not (run / REQUEUE_LOG).exists()  # outside SLURM nothing is requeued
     # resumed mid-epoch twice, and Lightning knows the loader resumes (readout.data.resume.TrainLoader)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+def test_the_last_checkpoint_is_of_the_final_step(shards, tmp_path, no_slurm):
+    """6 steps with a checkpoint every 4: ModelCheckpoint alone leaves last.ckpt at step 4."""
+    run = tmp_path / "run"
+    cli = fit(fit_args(shards, run, every=4))
+    assert cli.trainer.global_step == 6
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    assert all(s["step"] == 6 for s in last["optimizer_states"][0]["state"].values())
