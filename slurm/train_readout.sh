@@ -69,6 +69,9 @@ echo "$(date -Is) job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${
     "${GPUS_PER_NODE} process(es), ${CONFIG}, run directory ${RUN_DIR}"
 
 # --kill-on-bad-exit: a rank that dies takes the others with it instead of leaving them waiting in NCCL.
+# srun runs in the background so that this shell can pass on what only it receives (`scancel -b -s USR1`
+# signals the batch shell alone; by default bash would die of it, and the job with it): srun forwards
+# the signal to every task, where readout.fit saves, requeues and exits 0.
 srun --kill-on-bad-exit=1 "$PYTHON" -m readout.fit \
     --config "$CONFIG" \
     --trainer.num_nodes "$NUM_NODES" \
@@ -76,4 +79,16 @@ srun --kill-on-bad-exit=1 "$PYTHON" -m readout.fit \
     --run_dir "$RUN_DIR" \
     --export_dir "$RUN_DIR/export" \
     --ckpt_path last \
-    "$@"
+    "$@" &
+SRUN_PID=$!
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() { kill -s "$1" "$SRUN_PID" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# `wait` returns early (code > 128) each time a trapped signal arrives; wait again until srun is gone.
+while true; do
+    status=0
+    wait "$SRUN_PID" || status=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+exit "$status"

