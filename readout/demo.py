@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         help="the classifier to explain (a saved one trained on the synthetic set: its path)",
     )
     parser.add_argument("--train-samples", type=int, default=12000)
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        help="Per-Sample maps of the training images for distillation (--model.distill_weight): the file "
+        "is made from the training shards with python -m readout.teacher when it is not there yet",
+    )
+    parser.add_argument("--teacher-layer", default="block2", help="the Per-Sample layer of --teacher")
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--out", default="runs/demo/heatmaps")
     parser.add_argument("--bundle", default="checkpoints/readout-demo")
@@ -90,6 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     accuracy = classifier_accuracy(args.classifier, data / "val", size)
     print(f"{args.classifier}: top-1 {accuracy:.3f} on {data / 'val'}")
 
+    teacher = []
+    if args.teacher is not None:
+        if not Path(args.teacher).is_file():
+            from readout.teacher import main as make_teacher
+
+            make_teacher(["--classifier", args.classifier, "--shards", str(data / "train"),
+                          "--layer", args.teacher_layer, "--out", args.teacher])  # fmt: skip
+            print(f"teacher maps in {args.teacher} ({(time.perf_counter() - started) / 60:.1f} min so far)")
+        teacher = ["--data.teacher", args.teacher]
+
     from readout.fit import main as fit  # Lightning is imported only when training
 
     fit(
@@ -100,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             args.bundle,
             "--model.classifier",
             args.classifier,
+            *teacher,
             *args.overrides,
         ]
     )

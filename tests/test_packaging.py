@@ -20,6 +20,8 @@ SHIPPED = {
     "synthetic-cnn-224.json",
     "readout-demo/readout.json",
     "readout-demo/readout.safetensors",
+    "readout-synthetic/readout.json",
+    "readout-synthetic/readout.safetensors",
 }
 
 # Run by the venv's python with PYTHONPATH=<install dir> from an empty working directory.

@@ -57,3 +57,19 @@ def test_shipped_readout_puts_60_percent_of_the_top_n_pixels_in_the_box(held_out
     ratio, valid = box_ratio(attributor(held_out["image"]), held_out["box_mask"])
     assert valid.sum() >= 48
     assert ratio[valid].mean() >= 0.6
+
+
+def test_the_products_distilled_readout_beats_the_demos_on_held_out_images(held_out):
+    """checkpoints/readout-synthetic (make readout-synthetic): distilled from Per-Sample maps (#16)."""
+    import json
+
+    import readout
+
+    product = BUNDLE.parent / "readout-synthetic"
+    training = json.loads((product / "readout.json").read_text())["training"]
+    assert "--model.distill_weight=10" in training["command"] and training["config"]["data"]["teacher"]
+    ratios = []
+    for bundle in (product, BUNDLE):
+        ratio, valid = box_ratio(readout.load(bundle)(held_out["image"]), held_out["box_mask"])
+        ratios.append(ratio[valid].mean().item())
+    assert ratios[0] >= 0.75 and ratios[0] > ratios[1], ratios
