@@ -266,7 +266,7 @@ class Preemption(pl.Callback):
         )
         root = trainer.default_root_dir
         path = trainer.strategy.broadcast(next_signal_checkpoint(root))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a whole training state, said so (no log line)
         self.saved = path
         if trainer.is_global_zero:
             prune_signal_checkpoints(root, self.keep_signal_checkpoints)
@@ -348,7 +348,8 @@ class FinalCheckpoint(pl.Callback):
                 name = callback.CHECKPOINT_NAME_LAST.format(
                     step=trainer.global_step, epoch=trainer.current_epoch
                 )
-                trainer.save_checkpoint(posixpath.join(callback.dirpath, name + callback.FILE_EXTENSION))
+                path = posixpath.join(callback.dirpath, name + callback.FILE_EXTENSION)
+                trainer.save_checkpoint(path, weights_only=False)
 
 
 class BadDataGuard(pl.Callback):
