@@ -226,8 +226,12 @@ def test_a_fit_checkpoint_exports_to_the_bundle_fit_wrote(trained, tmp_path):
     """``python -m readout.export CKPT``: the LightningCLI's own hyper-parameters do not get in the way."""
     torch.manual_seed(0)  # the random-init classifier of the run (seed_everything 0), same fingerprint
     export_checkpoint(str(trained / "checkpoints" / "last.ckpt"), str(tmp_path / "bundle"))
-    for name in ("readout.safetensors", "readout.json"):
-        assert (tmp_path / "bundle" / name).read_bytes() == (trained / "export" / name).read_bytes(), name
+    name = "readout.safetensors"
+    assert (tmp_path / "bundle" / name).read_bytes() == (trained / "export" / name).read_bytes()
+    exported = json.loads((tmp_path / "bundle" / "readout.json").read_text())
+    fitted = json.loads((trained / "export" / "readout.json").read_text())
+    assert fitted.pop("training")["steps"] == 6  # only the fit knows how it trained
+    assert exported == fitted
 
 
 def test_bundles_load_from_safetensors_and_json_only(trained, monkeypatch):
