@@ -31,6 +31,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from readout.checkpointing import atomic_write
 from readout.signals import hand_over
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,29 @@ SIGNAL_CHECKPOINT = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 REQUEUE_LOG = "requeues.jsonl"
 
 
-def next_signal_checkpoint(root: str) -> str:
-    """``root/hpc_ckpt_{n}.ckpt`` with n one past the highest there: the name Lightning's SLURM resume
-    looks for, and one that ``--ckpt_path last`` finds."""
+def signal_checkpoints(root: str) -> list[tuple[int, str]]:
+    """(n, path) of every ``hpc_ckpt_{n}.ckpt`` in ``root``, oldest (lowest n) first; [] without ``root``."""
     fs, path = fsspec.core.url_to_fs(root)
     try:
         names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
-        names = []
-    numbers = [int(m.group(1)) for n in names if (m := SIGNAL_CHECKPOINT.fullmatch(n))]
+        return []
+    found = [(int(m.group(1)), n) for n in names if (m := SIGNAL_CHECKPOINT.fullmatch(n))]
+    return [(number, posixpath.join(path, name)) for number, name in sorted(found)]
+
+
+def next_signal_checkpoint(root: str) -> str:
+    """``root/hpc_ckpt_{n}.ckpt`` with n one past the highest there: the name Lightning's SLURM resume
+    looks for, and one that ``--ckpt_path last`` finds."""
+    numbers = [number for number, _ in signal_checkpoints(root)]
     return os.path.join(root, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+
+
+def checked_keep(keep: int) -> int:
+    """``keep`` of :func:`prune_signal_checkpoints`, refused below 1 (the newest is what a resume needs)."""
+    if keep < 1:
+        raise ValueError(f"keep_signal_checkpoints must be >= 1, got {keep}")
+    return keep
 
 
 def prune_signal_checkpoints(root: str, keep: int) -> list[str]:
@@ -63,15 +77,8 @@ def prune_signal_checkpoints(root: str, keep: int) -> list[str]:
     A job requeued every day leaves one per requeue, each a whole training state; the newest is
     what ``--ckpt_path last`` resumes from, and one before it is kept by default in case it is bad.
     """
-    if keep < 1:
-        raise ValueError(f"keep_signal_checkpoints must be >= 1, got {keep}")
-    fs, path = fsspec.core.url_to_fs(root)
-    try:
-        names = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
-    except FileNotFoundError:
-        return []
-    numbered = sorted((int(m.group(1)), n) for n in names if (m := SIGNAL_CHECKPOINT.fullmatch(n)))
-    removed = [posixpath.join(path, name) for _, name in numbered[:-keep]]
+    removed = [path for _, path in signal_checkpoints(root)[: -checked_keep(keep)]]
+    fs, _ = fsspec.core.url_to_fs(root)
     for old in removed:
         fs.rm(old)
     return removed
@@ -96,13 +103,8 @@ def read_requeues(root: str) -> list[dict[str, Any]]:
 
 def record_requeue(root: str, entry: dict[str, Any]) -> None:
     """Appends ``entry`` to ``root/requeues.jsonl`` (rewritten whole: fsspec has no append everywhere)."""
-    fs, path = fsspec.core.url_to_fs(root)
-    fs.makedirs(path, exist_ok=True)
     lines = [json.dumps(e) for e in [*read_requeues(root), entry]]
-    target = posixpath.join(path, REQUEUE_LOG)
-    with fs.open(target + ".tmp", "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    fs.mv(target + ".tmp", target)
+    atomic_write(posixpath.join(root, REQUEUE_LOG), ("\n".join(lines) + "\n").encode())
 
 
 def no_progress(root: str, step: int, estimated: int | None = None) -> str | None:
@@ -168,8 +170,6 @@ class Preemption(pl.Callback):
     """
 
     def __init__(self, keep_signal_checkpoints: int = 2) -> None:
-        if keep_signal_checkpoints < 1:
-            raise ValueError(f"keep_signal_checkpoints must be >= 1, got {keep_signal_checkpoints}")
         self.keep_signal_checkpoints = keep_signal_checkpoints
         self.received: str | None = None
         self._numbers: set[int] = set()  # every signal number received
@@ -179,6 +179,15 @@ class Preemption(pl.Callback):
         self._requeue_signal: signal.Signals | None = None
         self._environment: SLURMEnvironment | None = None
         self._replaced: dict[int, Any] = {}
+
+    @property
+    def keep_signal_checkpoints(self) -> int:
+        """How many ``hpc_ckpt_*.ckpt`` stay after each save (:func:`prune_signal_checkpoints`)."""
+        return self._keep
+
+    @keep_signal_checkpoints.setter
+    def keep_signal_checkpoints(self, keep: int) -> None:
+        self._keep = checked_keep(keep)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         environment = trainer._accelerator_connector.cluster_environment

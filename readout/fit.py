@@ -256,9 +256,7 @@ def run(preemption: Preemption, args: list[str] | None) -> ReadoutCLI:
         parser_kwargs={"prog": "python -m readout.fit", "description": __doc__.splitlines()[0]},
     )
     trainer = cli.trainer
-    if cli.config.keep_signal_checkpoints < 1:
-        raise ValueError(f"--keep_signal_checkpoints must be >= 1, got {cli.config.keep_signal_checkpoints}")
-    preemption.keep_signal_checkpoints = cli.config.keep_signal_checkpoints
+    preemption.keep_signal_checkpoints = cli.config.keep_signal_checkpoints  # checked by the setter
     check_input_size(cli.model, cli.datamodule)
     ckpt_path = checkpoint_to_resume(cli.config.ckpt_path, trainer.default_root_dir, cli.model)
     explain_observer_kills(trainer)
