@@ -213,12 +213,12 @@ class ReadoutModule(pl.LightningModule):
             for i, statistics in enumerate(self.attributor.all_statistics())
             for name, value in statistics.state_dict().items()
         }
-        metadata = {
-            "fingerprint": self.fingerprint,
-            "per_rank": str(per_rank),
-            "world_size": str(self.trainer.world_size),
-        }
-        return save_safetensors(tensors, metadata=metadata)
+        return save_safetensors(tensors, metadata=self.estimate_identity(per_rank))
+
+    def estimate_identity(self, per_rank: int) -> dict[str, str]:
+        """What a part of an estimate must match to be continued: the classifier, the share and ranks."""
+        world = str(self.trainer.world_size)
+        return {"fingerprint": self.fingerprint, "per_rank": str(per_rank), "world_size": world}
 
     def load_partial_estimate(self, url: str, per_rank: int) -> int:
         """Loads the part of an estimate a signal stopped (:meth:`partial_estimate`); its samples, or 0
@@ -228,11 +228,7 @@ class ReadoutModule(pl.LightningModule):
             return 0
         payload = fs.cat_file(path)
         metadata = safe_open_metadata(payload)
-        expected = {
-            "fingerprint": self.fingerprint,
-            "per_rank": str(per_rank),
-            "world_size": str(self.trainer.world_size),
-        }
+        expected = self.estimate_identity(per_rank)
         if metadata != expected:
             rank_zero_warn(
                 f"{url} is the part of another estimate ({metadata}, not {expected}): starting over"
