@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from readout.backbones import load_classifier
+from readout.checkpointing import atomic_write
 from readout.data.shards import ShardDataset, make_loader, resolve_shards
 from readout.data.teacher import FORMAT
 from readout.export import classifier_fingerprint
@@ -77,7 +77,8 @@ def compute(args: argparse.Namespace) -> Path:
     else:
         loader = make_loader(shards, "eval", args.batch_size, 0, transform=transform)
         attributor.estimate(loader, max_samples=args.estimate_samples)
-        save_file({k: v.contiguous() for k, v in attributor.statistics.state_dict().items()}, statistics)
+        state = {k: v.contiguous() for k, v in attributor.statistics.state_dict().items()}
+        atomic_write(str(statistics), save(state))
 
     loader = make_loader(shards, "eval", args.batch_size, 0, transform=transform)
     dataset = loader.dataset
@@ -95,8 +96,7 @@ def compute(args: argparse.Namespace) -> Path:
                 generator.manual_seed(args.seed + index)
                 explanation = attributor.explain(batch["image"], target=batch["label"])
             maps = explanation.information.sum(1).to(torch.float16).contiguous()
-            save_file({"maps": maps}, f"{chunk}.tmp", metadata={"keys": json.dumps(list(batch["key"]))})
-            os.replace(f"{chunk}.tmp", chunk)
+            atomic_write(str(chunk), save({"maps": maps}, metadata={"keys": json.dumps(list(batch["key"]))}))
         bar.update(len(batch["key"]))
     bar.close()
     if dataset.health().bad:
@@ -110,8 +110,7 @@ def compute(args: argparse.Namespace) -> Path:
             parts.append(handle.get_tensor("maps"))
     if len(set(keys)) != len(keys):
         raise ValueError(f"the shards {args.shards} hold a key more than once: maps cannot be looked up")
-    save_file({"maps": torch.cat(parts)}, f"{out}.tmp", metadata={**settings, "keys": json.dumps(keys)})
-    os.replace(f"{out}.tmp", out)
+    atomic_write(str(out), save({"maps": torch.cat(parts)}, metadata={**settings, "keys": json.dumps(keys)}))
     shutil.rmtree(partial)
     return out
 
