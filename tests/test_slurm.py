@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -137,21 +138,33 @@ def step_processes(pid: int) -> list[int]:
     return found
 
 
-def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resumes_from_it(tmp_path):
+def held_job_setup(tmp_path: Path, config_change: Any = None) -> tuple[dict[str, str], Path, Path, Path]:
+    """A tiny run (6 steps; the job's arguments say 5) whose Probe holds it in step 3 and writes its
+    process id to ``held``; ``config_change(config)`` edits the config first. (env, run_dir, steps
+    file, marker); fake scontrol writes to ``scontrol.log``."""
     write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
     run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
-    config = tiny_config(tmp_path / "shards")  # 6 steps; the job's arguments say 5
-    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
-    config["data"]["num_workers"] = 1  # a worker process gets SLURM's signal too
-    config["export_dir"] = str(tmp_path / "tracked-bundle")  # as configs/demo.yaml: outside the run
+    config = tiny_config(tmp_path / "shards")
+    if config_change is not None:
+        config_change(config)
     config["trainer"]["callbacks"].append(
         {
             "class_path": "probe.Probe",
             "init_args": {"steps_file": str(steps), "hold_at": 2, "marker": str(marker)},
         }
     )
+    env = slurm_env(run_dir, write_config(tmp_path / "tiny.yaml", config), tmp_path / "scontrol.log")
+    return env, run_dir, steps, marker
+
+
+def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resumes_from_it(tmp_path):
+    def change(config: dict) -> None:
+        config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
+        config["data"]["num_workers"] = 1  # a worker process gets SLURM's signal too
+        config["export_dir"] = str(tmp_path / "tracked-bundle")  # as configs/demo.yaml: outside the run
+
+    env, run_dir, steps, marker = held_job_setup(tmp_path, change)
     requeue_log = tmp_path / "scontrol.log"
-    env = slurm_env(run_dir, write_config(tmp_path / "tiny.yaml", config), requeue_log)
 
     first_log = tmp_path / "first.out"
     job = start_job(env, first_log)
@@ -223,17 +236,8 @@ def test_requeue_names_the_job_or_array_task_and_warns_where_it_cannot(tmp_path,
 def test_a_requeue_signal_to_the_batch_shell_alone_reaches_the_training_and_requeues(tmp_path):
     """``scancel -b -s USR1``: only the batch shell is signalled. It passes the signal on to srun (here
     the task itself), which saves, requeues and exits 0; the shell exits with it, 0."""
-    write_shards(tmp_path / "shards", n=16, size=64, seed=0, shard_size=8)
-    run_dir, steps, marker = tmp_path / "run", tmp_path / "steps.txt", tmp_path / "held"
-    config = tiny_config(tmp_path / "shards")
-    config["trainer"]["callbacks"].append(
-        {
-            "class_path": "probe.Probe",
-            "init_args": {"steps_file": str(steps), "hold_at": 2, "marker": str(marker)},
-        }
-    )
+    env, run_dir, _, marker = held_job_setup(tmp_path)
     requeue_log = tmp_path / "scontrol.log"
-    env = slurm_env(run_dir, write_config(tmp_path / "tiny.yaml", config), requeue_log)
     log = tmp_path / "job.out"
     job = start_job(env, log)
     wait_for(marker, job, log)
