@@ -5,6 +5,9 @@ resumed run shows where it picked up). In step ``hold_at`` (global step before i
 forward and the backward pass, it writes its process id to ``marker`` and holds the run until
 :class:`readout.faults.Preemption` has received a signal: the test sends SIGUSR1 when the marker
 appears, so the signal lands in the middle of a step.
+
+In a run of several processes, ``{rank}`` in ``steps_file`` and ``marker`` becomes each process's
+global rank, and every rank holds until it has been signalled.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ class Probe(pl.Callback):
         self.steps_file, self.hold_at, self.marker, self.timeout = Path(steps_file), hold_at, marker, timeout
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
-        with self.steps_file.open("a") as f:
+        with Path(str(self.steps_file).format(rank=trainer.global_rank)).open("a") as f:
             f.write(f"{trainer.global_step}\n")
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if trainer.global_step != self.hold_at:
             return
         (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]  # type: ignore[attr-defined]
-        Path(self.marker).write_text(str(os.getpid()))
+        Path(self.marker.format(rank=trainer.global_rank)).write_text(str(os.getpid()))
         deadline = time.monotonic() + self.timeout
         while preemption.received is None and time.monotonic() < deadline:
             time.sleep(0.05)
