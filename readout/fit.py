@@ -11,10 +11,11 @@ without Lightning.
 Faults (see readout.faults and readout.checkpointing): checkpoints are written atomically and read
 with ``weights_only=True`` after a whole-file check; ``--ckpt_path last`` passes over a corrupt one to
 the previous good one and says so; SIGTERM or SIGUSR1 saves a checkpoint at the end of the step and
-exits 0 (under SLURM, SIGUSR1 also requeues the job first); too many corrupt samples stop the run
-naming the worst shards; in a DDP run a rank whose peer died or stalled past the timeout says so and
-exits. A config whose parts do not fit together (image and input size, layers) fails before any data
-is read.
+exits 0 (under SLURM, SIGUSR1 also requeues the job first; in validation, at the end of the next step;
+during start-up or the μ/σ estimate, see readout.signals; after the last step, the export finishes);
+too many corrupt samples stop the run naming the worst shards; in a DDP run a rank whose peer died or
+stalled past the timeout says so and exits. A config whose parts do not fit together (image and input
+size, layers) fails before any data is read.
 """
 
 from __future__ import annotations
@@ -283,6 +284,13 @@ def run(preemption: Preemption, args: list[str] | None) -> ReadoutCLI:
         }
         export_module(cli.model, out, training)
         print(f"exported the readout to {out}")
+    if preemption.received is not None and not trainer.interrupted and trainer.is_global_zero:
+        # SIGTERM or SIGUSR1 after the last step's check (final validation, export): the early handler
+        # of main() holds it; the run is complete, so there is nothing to save and no job to requeue.
+        print(
+            f"{preemption.received} came after the last training step: the run was complete and is "
+            "exported; nothing to save or requeue"
+        )
     return cli
 
 

@@ -1,5 +1,7 @@
-"""Preemption: SIGTERM (or SIGUSR1 outside SLURM) mid-epoch saves at the end of the step and stops cleanly;
-the resumed run ends with the weights of a run that was never interrupted."""
+"""Preemption: SIGTERM (or SIGUSR1 outside SLURM) mid-epoch or in validation saves at the end of the
+(next) step and stops cleanly; the resumed run ends with the weights of a run that was never
+interrupted. After the last step, a signal lets the export finish. (Start-up and the μ/σ estimate:
+test_signals_early.py.)"""
 
 from __future__ import annotations
 
@@ -129,3 +131,67 @@ def test_sigterm_from_outside_stops_the_process_with_exit_code_0_and_a_checkpoin
     assert f"SIGTERM: stopping after step 3, checkpoint {run / 'hpc_ckpt_1.ckpt'}" in output, output[-3000:]
     assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
     assert not (run / "export").exists()
+
+
+class SignalInValidation(pl.Callback):
+    """Sends ``signal_name`` to this process as the validation after step ``after`` starts."""
+
+    def __init__(self, signal_name: str, after: int) -> None:
+        self.signum, self.after, self.sent = getattr(signal, signal_name), after, False
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.after and not trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_in_validation_saves_after_the_next_step_and_the_resumed_run_ends_as_uninterrupted(
+    uninterrupted, shards, tmp_path, no_slurm
+):
+    """Validation every 2 steps; SIGUSR1 in the one after step 2. The flag is read at the end of the next
+    training step, as for a signal within a step: hpc_ckpt_1.ckpt holds step 3, nothing is lost, and
+    the resumed run ends as the reference (validation draws no training randomness)."""
+    run = tmp_path / "run"
+    validation = {"val_check_interval": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0}
+    at = {
+        "class_path": "test_reliability_preemption.SignalInValidation",
+        "init_args": {"signal_name": "SIGUSR1", "after": 2},
+    }
+    args = [*fit_args(shards, run, callbacks=[at], **validation), "--data.val_shards", str(shards)]
+    first = fit(args)
+    assert first.trainer.interrupted and first.trainer.global_step == 3
+    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
+    assert not (run / "export").exists()
+
+    second = fit(
+        [*fit_args(shards, run, **validation), "--data.val_shards", str(shards), "--ckpt_path", "last"]
+    )
+    assert second.trainer.global_step == 6 and not second.trainer.interrupted
+    expected, got = readout_weights(uninterrupted), readout_weights(second)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_signal_during_the_final_export_lets_it_finish_and_says_the_run_was_complete(
+    shards, tmp_path, monkeypatch, capsys, no_slurm
+):
+    """After the last step nothing is left to save or requeue: the bundle is written whole, the process
+    ends normally, and the signal is reported rather than lost."""
+    import readout.fit
+
+    export = readout.fit.export_module
+
+    def signalled_export(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGUSR1)  # the early handler of readout.fit's main catches it
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(readout.fit, "export_module", signalled_export)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    run = tmp_path / "run"
+    cli = fit(fit_args(shards, run))
+    assert cli.trainer.global_step == 6 and not cli.trainer.interrupted
+    assert (run / "export" / "readout.json").is_file() and (run / "export" / "readout.safetensors").is_file()
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))
+    printed = capsys.readouterr()
+    assert "SIGUSR1 came after the last training step" in printed.out + printed.err
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
