@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that must not be resumed from; the message names the file and why."""
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint that could not be written for want of space (ENOSPC, EDQUOT); nothing of it is left."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -229,7 +234,17 @@ class ReadoutCheckpointIO(TorchCheckpointIO):
         check_finite(checkpoint, f"the checkpoint for {os.fspath(path)} (not written)")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write(os.fspath(path), buffer.getvalue())
+        try:
+            atomic_write(os.fspath(path), buffer.getvalue())
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full disk does not mend itself: stop (no requeue) and say what is still good.
+            raise CheckpointSpaceError(
+                f"no space left to write {os.fspath(path)} ({len(buffer.getvalue()) / 2**20:.1f} MiB, "
+                f"{error.strerror}): nothing of it was kept and the checkpoints written before are whole; "
+                "free space (or move --run_dir) and resume with --ckpt_path last"
+            ) from error
 
     def load_checkpoint(
         self,

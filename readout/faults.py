@@ -393,6 +393,22 @@ def peer_failure_message(trainer: pl.Trainer, error: BaseException) -> str:
     )
 
 
+def loader_worker_died(error: BaseException) -> bool:
+    """Whether an error is torch's report of a data loader worker that died (killed, or crashed)."""
+    return isinstance(error, RuntimeError) and re.search(r"DataLoader worker \(pid", str(error)) is not None
+
+
+def loader_worker_message(trainer: pl.Trainer, error: BaseException) -> str:
+    """What a rank prints when one of its data loader workers died: most often the kernel's OOM killer."""
+    first = str(error).strip().splitlines()[0]
+    return (
+        f"rank {trainer.global_rank} stops at step {trainer.global_step}: a data loader worker died "
+        f"({first}). A worker killed by signal 9 (SIGKILL) was most likely chosen by the kernel's OOM "
+        "killer: lower data.num_workers or data.shuffle_buffer, or ask for more memory. The checkpoints "
+        f"under {trainer.default_root_dir} are whole: run again with --ckpt_path last to resume."
+    )
+
+
 #: What Lightning's child-process observer says before it kills the job (see :func:`explain_observer_kills`).
 _observer_advice: dict[str, Any] = {}
 

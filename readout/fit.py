@@ -54,6 +54,8 @@ from readout.faults import (
     FinalCheckpoint,
     Preemption,
     explain_observer_kills,
+    loader_worker_died,
+    loader_worker_message,
     peer_failure_message,
 )
 from readout.lit import ReadoutModule
@@ -269,7 +271,9 @@ def run(preemption: Preemption, args: list[str] | None) -> ReadoutCLI:
             rank_zero_info("stopped by SIGTERM before the first training step: nothing to save")
         return cli  # else preempted: the checkpoint is written and Preemption has said where
     except RuntimeError as error:
-        if trainer.world_size > 1 and not isinstance(error, BadDataError) and from_collective(error):
+        if loader_worker_died(error):
+            print(loader_worker_message(trainer, error), file=sys.stderr, flush=True)
+        elif trainer.world_size > 1 and not isinstance(error, BadDataError) and from_collective(error):
             print(peer_failure_message(trainer, error), file=sys.stderr, flush=True)
         raise
     if trainer.is_global_zero and not trainer.interrupted:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import io
 import os
 import signal
@@ -13,11 +15,15 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import test_reliability as shared
 import torch
 from test_reliability import fit_args, readout_weights
+from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
 
+from readout import checkpointing
 from readout.checkpointing import (
+    CheckpointSpaceError,
     CorruptCheckpointError,
     NonFiniteCheckpointError,
     ReadoutCheckpointIO,
@@ -211,3 +217,74 @@ def test_the_module_refuses_to_checkpoint_nan_weights_on_every_rank():
         match=r"not saved; the last one is kept\) holds NaN or Inf in state_dict\.attributor\.net\.",
     ):
         module.on_save_checkpoint(checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------------
+# A full disk
+
+#: Whether the disk of :class:`FillingFile` is full; set by :class:`DiskFillsAt`.
+DISK = {"full": False}
+
+
+class DiskFillsAt(pl.Callback):
+    """The disk is full from step ``at`` on."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            DISK["full"] = True
+
+
+class FillingFile:
+    """``open`` of readout.checkpointing on a disk that may be full: then a write keeps half of its data
+    and fails with ENOSPC, as a real full disk does part-way through a file."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        self.handle = builtins.open(path, mode)
+
+    def __enter__(self) -> FillingFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def write(self, data: bytes) -> int:
+        if not DISK["full"]:
+            return self.handle.write(data)
+        self.handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
+
+def test_a_full_disk_at_a_save_stops_the_run_and_the_checkpoints_before_it_resume_it(
+    uninterrupted,  # noqa: F811
+    shards,
+    tmp_path,
+    monkeypatch,
+    no_slurm,
+):
+    """Checkpoints every 2 steps; the disk fills in step 4. The save at step 4 fails: the run stops with
+    an error saying so (no requeue: a full disk does not mend itself), leaves no partial file, and
+    the step-2 checkpoint resumes it, once there is space, to the uninterrupted run's weights."""
+    monkeypatch.setitem(DISK, "full", False)
+    monkeypatch.setattr(checkpointing, "open", FillingFile, raising=False)
+    run = tmp_path / "run"
+    fills = {"class_path": "test_reliability_checkpoints.DiskFillsAt", "init_args": {"at": 3}}
+    with pytest.raises(CheckpointSpaceError, match=r"no space left to write .*resume with --ckpt_path last"):
+        fit(fit_args(shards, run, callbacks=[fills]))
+    assert not list(run.rglob("*.tmp")), "a partial checkpoint was left behind"
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+    DISK["full"] = False  # space was freed
+    second = fit([*fit_args(shards, run), "--ckpt_path", "last"])
+    assert second.trainer.global_step == 6
+    expected, got = readout_weights(uninterrupted), readout_weights(second)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)

@@ -4,14 +4,20 @@ mid-run are skipped and counted per shard; past ``data.max_bad_share`` the run s
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import time
 import warnings
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import test_reliability as shared
+import torch
 import webdataset as wds
-from test_reliability import fit_args
+from test_reliability import fit_args, readout_weights
+from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
 
 from readout.data.shards import ShardDataset, ShardHealth, make_loader
 from readout.data.synthetic import generate, to_record, write_shards
@@ -19,7 +25,7 @@ from readout.data.transforms import eval_transform
 from readout.faults import BadDataError
 from readout.fit import main as fit
 
-one_thread, no_slurm = shared.one_thread, shared.no_slurm  # fixtures
+one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
 TRANSFORM = eval_transform(64, 64)
 
 
@@ -133,3 +139,47 @@ def test_bad_samples_are_logged_and_past_the_share_the_run_stops_naming_the_wors
         fit([*fit_args(half_bad, tmp_path / "past", max_steps=40), "--data.max_bad_share", "0.25"])
     shares = [float(row["data/bad_share"]) for row in metrics(tmp_path / "past")]
     assert shares and shares[-1] > 0.25
+
+
+class KillLoaderWorkersAt(pl.Callback):
+    """SIGKILLs this process's children (the data loader's workers) as step ``at`` starts, as the kernel's
+    OOM killer would."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.done = at, False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step != self.at or self.done:
+            return
+        self.done = True
+        me = os.getpid()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if parent == me:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        time.sleep(2)  # torch's SIGCHLD handler raises here, or at the next batch
+
+
+def test_a_killed_loader_worker_stops_the_run_with_advice_and_the_last_checkpoint_resumes_it(
+    uninterrupted,  # noqa: F811
+    shards,
+    tmp_path,
+    capsys,
+    no_slurm,
+):
+    run = tmp_path / "run"
+    kill = {"class_path": "test_reliability_data.KillLoaderWorkersAt", "init_args": {"at": 3}}
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid"):
+        fit([*fit_args(shards, run, callbacks=[kill]), "--data.num_workers", "1"])
+    err = capsys.readouterr().err
+    assert "a data loader worker died" in err and "OOM killer" in err and "--ckpt_path last" in err, err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+    second = fit([*fit_args(shards, run), "--data.num_workers", "1", "--ckpt_path", "last"])
+    assert second.trainer.global_step == 6  # step 3 again: 1 step lost
+    expected, got = readout_weights(uninterrupted), readout_weights(second)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
