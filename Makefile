@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv demo test test-slow lint bench relevance eval resnet18 readout-synthetic
+.PHONY: venv demo test test-slow faults lint bench relevance eval resnet18 readout-synthetic
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test: lint
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow
+
+# The fault matrix: every fault test (slow ones included), then their table (README, "What happens when").
+faults: venv
+	$(VENV)/bin/pytest -q -m fault --fault-table=docs/faults.md
 
 # The CPU benchmarks of BENCHMARKS.md (minutes; ratios side by side). GPU rows: add --device cuda.
 bench: venv

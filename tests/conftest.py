@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,3 +28,86 @@ def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """``precision="auto"`` resolves to fp32 in every test, on every machine: the tests that compare
     with references hold on a CPU with native bf16 too. Tests of bf16 ask for it by name."""
     monkeypatch.setattr(readout.precision, "native_bf16", lambda device: False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The fault matrix (`make faults`): tests marked ``@pytest.mark.fault(fault, phase, happened)`` become rows
+# of a table printed at the end of the session (and written to ``--fault-table FILE``, markdown). A test
+# records what it measured with the ``fault_result`` fixture: ``steps_lost`` (steps trained again after
+# the resume) and ``same_weights`` (True once its comparison with an uninterrupted run has passed).
+
+_FAULT_ROWS: list[dict] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fault-table", default=None, help="write the fault matrix (markdown) to this file")
+
+
+@pytest.fixture
+def fault_result(request: pytest.FixtureRequest) -> dict:
+    record: dict = {}
+    request.node.fault_record = record
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    if marker is None or report.when != "call":
+        return
+    fault, phase, happened = marker.args
+    callspec = getattr(item, "callspec", None)
+    record = getattr(item, "fault_record", {})
+    _FAULT_ROWS.append(
+        {
+            "fault": fault + (f" ({callspec.id})" if callspec is not None else ""),
+            "phase": phase,
+            "happened": happened,
+            "steps_lost": record.get("steps_lost"),
+            "same_weights": record.get("same_weights"),
+            "test": report.outcome,
+            "where": item.nodeid,
+        }
+    )
+
+
+def fault_table(rows: list[dict]) -> str:
+    def cell(value: object) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return str(value)
+
+    lines = [
+        "| fault | phase | what happens | steps lost | final weights = uninterrupted | test |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['fault']} | {row['phase']} | {row['happened']} | {cell(row['steps_lost'])} "
+            f"| {cell(row['same_weights'])} | {row['test']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _FAULT_ROWS:
+        return
+    table = fault_table(_FAULT_ROWS)
+    terminalreporter.section("fault matrix")
+    terminalreporter.write(table)
+    out = config.getoption("--fault-table")
+    if out:
+        header = (
+            "# The fault matrix\n\nWritten by `make faults` "
+            f"(`pytest -m fault --fault-table=docs/faults.md`) on {datetime.date.today().isoformat()}: "
+            "every test marked `fault`, slow ones included. A row says what its test asserts; "
+            '"steps lost" are the steps trained again after the resume, "final weights" whether the '
+            "test compared them with an uninterrupted run's and they agreed (– where it does not "
+            "compare).\n\n"
+        )
+        Path(out).write_text(header + table)
+        terminalreporter.write_line(f"written to {out}")

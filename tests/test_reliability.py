@@ -159,6 +159,9 @@ def trained(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
+@pytest.mark.fault(
+    "a checkpoint of another classifier", "resume", "refused before any data is read, naming both classifiers"
+)
 def test_a_checkpoint_of_another_classifier_is_refused_before_any_data_is_read(
     trained, shards, tmp_path, no_data_read, no_slurm
 ):
@@ -203,6 +206,11 @@ def poisoned(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
     return poison(last, tmp_path / "poisoned.ckpt", tmp_path / "ran.txt"), tmp_path / "ran.txt"
 
 
+@pytest.mark.fault(
+    "a checkpoint carrying a pickle payload",
+    "resume, export",
+    "refused, naming the object; the payload never runs",
+)
 def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_run(poisoned, shards, tmp_path, no_slurm):
     path, marker = poisoned
     with pytest.raises(UnsafeCheckpointError, match=r"poisoned\.ckpt holds objects other than tensors.*exec"):
@@ -245,6 +253,24 @@ def test_bundles_load_from_safetensors_and_json_only(trained, monkeypatch):
     attributor = load(trained / "export")
     assert attributor(torch.rand(1, 3, 64, 64)).shape == (1, 64, 64)
     assert sorted(p.name for p in (trained / "export").iterdir()) == ["readout.json", "readout.safetensors"]
+
+
+@pytest.mark.fault(
+    "a bundle carrying a pickle payload",
+    "readout.load",
+    "refused as not safetensors, naming the file; the payload never runs",
+)
+def test_a_bundle_whose_weights_are_a_pickle_is_refused_and_never_run(trained, tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "readout.json").write_text((trained / "export" / "readout.json").read_text())
+    marker = tmp_path / "ran.txt"
+    torch.save({"weights": RunsCode(marker)}, bundle / "readout.safetensors")  # a pickle under the name
+    torch.manual_seed(0)  # the random-init classifier of the run
+    with pytest.raises(Exception, match=r"readout\.safetensors") as raised:
+        load(bundle)
+    assert not isinstance(raised.value, AssertionError), raised.value
+    assert not marker.exists(), "loading the bundle ran its payload"
 
 
 # ------------------------------------------------------------------------------------------------------

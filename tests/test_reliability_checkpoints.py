@@ -86,6 +86,11 @@ KILLED_WHILE_SAVING = textwrap.dedent(
 )
 
 
+@pytest.mark.fault(
+    "SIGKILL during a checkpoint write",
+    "checkpoint save",
+    "the previous checkpoint stays whole; the half-written file is never resumed from",
+)
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     target = tmp_path / "checkpoints" / "last.ckpt"
     ReadoutCheckpointIO().save_checkpoint(small_checkpoint(1), target)
@@ -148,7 +153,14 @@ def test_a_damaged_checkpoint_is_detected_with_a_clear_error(damage, expected, t
     assert str(raised.value).startswith(str(path))
 
 
-def test_resume_from_last_falls_back_past_corrupt_checkpoints_and_says_so(shards, tmp_path, no_slurm):
+@pytest.mark.fault(
+    "corrupt checkpoints (truncated, bit-flipped)",
+    "resume",
+    "--ckpt_path last falls back to the newest good one and says so",
+)
+def test_resume_from_last_falls_back_past_corrupt_checkpoints_and_says_so(
+    shards, tmp_path, no_slurm, fault_result
+):
     """A run of 4 steps keeps checkpoints at steps 2 and 4 (and last.ckpt, step 4). With last.ckpt cut short
     and the step-4 one bit-flipped, ``--ckpt_path last`` resumes from step 2 and ends where a run that was
     never interrupted ends."""
@@ -178,6 +190,7 @@ def test_resume_from_last_falls_back_past_corrupt_checkpoints_and_says_so(shards
     expected, got = readout_weights(reference), readout_weights(resumed)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    fault_result.update(steps_lost=2, same_weights=True)
 
 
 def test_an_explicit_checkpoint_that_is_corrupt_is_an_error_not_a_fallback(shards, tmp_path, no_slurm):
@@ -263,12 +276,18 @@ class FillingFile:
         return self.handle.fileno()
 
 
+@pytest.mark.fault(
+    "full disk (ENOSPC) during a save",
+    "checkpoint save",
+    "the run stops with an error naming the file; no partial file; the previous checkpoint resumes it",
+)
 def test_a_full_disk_at_a_save_stops_the_run_and_the_checkpoints_before_it_resume_it(
     uninterrupted,  # noqa: F811
     shards,
     tmp_path,
     monkeypatch,
     no_slurm,
+    fault_result,
 ):
     """Checkpoints every 2 steps; the disk fills in step 4. The save at step 4 fails: the run stops with
     an error saying so (no requeue: a full disk does not mend itself), leaves no partial file, and
@@ -288,3 +307,4 @@ def test_a_full_disk_at_a_save_stops_the_run_and_the_checkpoints_before_it_resum
     expected, got = readout_weights(uninterrupted), readout_weights(second)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    fault_result.update(steps_lost=2, same_weights=True)

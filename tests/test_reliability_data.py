@@ -74,7 +74,10 @@ def test_each_kind_of_corruption_is_skipped_and_counted_by_shard(mixed):
     assert health.bad == sum(health.reasons.values()) == sum(health.by_shard.values())
 
 
-def test_a_shard_that_disappears_mid_run_is_skipped_and_named(mixed, tmp_path):
+@pytest.mark.fault(
+    "a shard vanishes mid-epoch", "training", "skipped, counted and named in a warning; the epoch goes on"
+)
+def test_a_shard_that_disappears_mid_run_is_skipped_and_named(mixed, tmp_path, fault_result):
     for name in ("good-0.tar", "good-1.tar"):
         shutil.copy(mixed / name, tmp_path / name)
     dataset = ShardDataset(
@@ -89,6 +92,7 @@ def test_a_shard_that_disappears_mid_run_is_skipped_and_named(mixed, tmp_path):
     assert health.by_shard[gone] == health.reasons["bad_shard"] >= 1
     assert any(gone in str(w.message) for w in caught)
     assert set(health.by_shard) == {gone} and health.good == 8 * 4
+    fault_result.update(steps_lost=0)
 
 
 def test_the_share_is_judged_once_enough_samples_were_read():
@@ -163,12 +167,18 @@ class KillLoaderWorkersAt(pl.Callback):
         time.sleep(2)  # torch's SIGCHLD handler raises here, or at the next batch
 
 
+@pytest.mark.fault(
+    "a data loader worker killed (SIGKILL)",
+    "training",
+    "the run stops with advice (OOM killer, fewer workers); the last checkpoint resumes it",
+)
 def test_a_killed_loader_worker_stops_the_run_with_advice_and_the_last_checkpoint_resumes_it(
     uninterrupted,  # noqa: F811
     shards,
     tmp_path,
     capsys,
     no_slurm,
+    fault_result,
 ):
     run = tmp_path / "run"
     kill = {"class_path": "test_reliability_data.KillLoaderWorkersAt", "init_args": {"at": 3}}
@@ -183,3 +193,4 @@ def test_a_killed_loader_worker_stops_the_run_with_advice_and_the_last_checkpoin
     expected, got = readout_weights(uninterrupted), readout_weights(second)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    fault_result.update(steps_lost=1, same_weights=True)

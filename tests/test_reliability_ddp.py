@@ -86,9 +86,18 @@ def resumes_from_step_2(shards: Path, tmp_path: Path) -> None:
     assert (run / "export" / "readout.json").is_file()
 
 
+@pytest.mark.fault(
+    "a rank dies (SIGKILL)",
+    "training, 2 processes",
+    "the other rank exits within seconds saying how to resume; the last checkpoint resumes it",
+)
 @pytest.mark.ddp
 def test_when_a_rank_is_killed_the_other_exits_with_a_message_and_the_job_resumes(
-    shards, tmp_path, monkeypatch, no_slurm
+    shards,
+    tmp_path,
+    monkeypatch,
+    no_slurm,
+    fault_result,
 ):
     job, log, marker, _ = start_two_ranks(shards, tmp_path, timeout="0:05:00")
     rank1 = int(marker.read_text())
@@ -108,8 +117,12 @@ def test_when_a_rank_is_killed_the_other_exits_with_a_message_and_the_job_resume
     assert time.monotonic() - killed < 60
     monkeypatch.chdir(tmp_path)
     resumes_from_step_2(shards, tmp_path)
+    fault_result.update(steps_lost=1)
 
 
+@pytest.mark.fault(
+    "a rank hangs", "training, 2 processes", "the other rank gives up after the DDP timeout, saying so"
+)
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_when_a_rank_stalls_the_other_gives_up_after_the_ddp_timeout(shards, tmp_path, no_slurm):
@@ -129,8 +142,15 @@ def test_when_a_rank_stalls_the_other_gives_up_after_the_ddp_timeout(shards, tmp
     assert 15 < waited < 80, waited
 
 
+@pytest.mark.fault(
+    "SIGTERM to one rank only",
+    "training, 2 processes",
+    "both ranks stop after the same step; one checkpoint; exit 0",
+)
 @pytest.mark.ddp
-def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_one_checkpoint(shards, tmp_path):
+def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_one_checkpoint(
+    shards, tmp_path, fault_result
+):
     """Only rank 0 is signalled (a scheduler that signals the launched process alone): the ranks agree at
     the end of the step, rank 0 writes hpc_ckpt_1.ckpt of step 3 and both exit 0."""
     run, marker, log = tmp_path / "run", tmp_path / "rank0.pid", tmp_path / "out.txt"
@@ -160,6 +180,7 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_one_checkpoint(
     assert "a signal to another rank" not in output  # rank 1 logs nothing: rank-zero messages only
     assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
     assert sorted(p.name for p in run.glob("*.ckpt")) == ["hpc_ckpt_1.ckpt"]
+    fault_result.update(steps_lost=0)
 
 
 def test_lightnings_child_observer_says_why_it_ends_the_job_before_it_kills(capsys):

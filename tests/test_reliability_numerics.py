@@ -62,6 +62,9 @@ class InfGradientAt(pl.Callback):
         self.weights[trainer.global_step - 1] = (self.before, self.flat(pl_module))
 
 
+@pytest.mark.fault(
+    "NaN loss (default)", "training", "the run stops naming the step; the last checkpoint is finite and kept"
+)
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch, no_slurm):
     nan_loss_at(monkeypatch, {3})
     run = tmp_path / "run"
@@ -74,6 +77,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
     assert not list(run.glob("hpc_ckpt_*")) and not (run / "export").exists()
 
 
+@pytest.mark.fault(
+    "NaN loss, Inf gradient (--model.nonfinite skip)",
+    "training",
+    "the batches are skipped and counted; no state holds a NaN",
+)
 def test_skip_leaves_out_nonfinite_batches_counts_them_and_saves_only_finite_state(
     shards, tmp_path, monkeypatch, no_slurm
 ):
@@ -141,6 +149,7 @@ class NanImagesAt(pl.Callback):
         )
 
 
+@pytest.mark.fault("NaN loss on one rank (skip)", "training, 2 processes", "both ranks skip the step")
 @pytest.mark.ddp
 def test_skip_under_ddp_a_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path):
     """Two gloo processes; rank 1's loss is NaN at step 2: both skip it, count 1, train on, and end with

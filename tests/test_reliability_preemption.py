@@ -69,9 +69,16 @@ def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Any
     return cli
 
 
+@pytest.mark.fault("preemption", "training, mid-step", "saved after the step, exit 0; resumed from there")
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
 def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_one(
-    signal_name, uninterrupted, shards, tmp_path, monkeypatch, no_slurm
+    signal_name,
+    uninterrupted,
+    shards,
+    tmp_path,
+    monkeypatch,
+    no_slurm,
+    fault_result,
 ):
     """The signal arrives during step 3 of 6 (4 per epoch; last.ckpt is from step 2): hpc_ckpt_1.ckpt holds
     step 3, and the run resumed from it matches the reference in weights, Adam's state and μ/σ."""
@@ -106,6 +113,7 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_o
     torch.testing.assert_close(second.model.attributor.statistics.total, reference.total)
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(s["step"] == 6 for s in final["optimizer_states"][0]["state"].values())
+    fault_result.update(steps_lost=0, same_weights=True)
 
 
 def test_sigterm_from_outside_stops_the_process_with_exit_code_0_and_a_checkpoint(shards, tmp_path):
@@ -145,8 +153,13 @@ class SignalInValidation(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+@pytest.mark.fault("SIGUSR1", "validation", "saved after the next step, exit 0; resumed from there")
 def test_a_signal_in_validation_saves_after_the_next_step_and_the_resumed_run_ends_as_uninterrupted(
-    uninterrupted, shards, tmp_path, no_slurm
+    uninterrupted,
+    shards,
+    tmp_path,
+    no_slurm,
+    fault_result,
 ):
     """Validation every 2 steps; SIGUSR1 in the one after step 2. The flag is read at the end of the next
     training step, as for a signal within a step: hpc_ckpt_1.ckpt holds step 3, nothing is lost, and
@@ -170,10 +183,19 @@ def test_a_signal_in_validation_saves_after_the_next_step_and_the_resumed_run_en
     expected, got = readout_weights(uninterrupted), readout_weights(second)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    fault_result.update(steps_lost=0, same_weights=True)
 
 
+@pytest.mark.fault(
+    "SIGUSR1", "final export", "the export finishes; the signal is reported; nothing to requeue"
+)
 def test_a_signal_during_the_final_export_lets_it_finish_and_says_the_run_was_complete(
-    shards, tmp_path, monkeypatch, capsys, no_slurm
+    shards,
+    tmp_path,
+    monkeypatch,
+    capsys,
+    no_slurm,
+    fault_result,
 ):
     """After the last step nothing is left to save or requeue: the bundle is written whole, the process
     ends normally, and the signal is reported rather than lost."""
@@ -195,3 +217,4 @@ def test_a_signal_during_the_final_export_lets_it_finish_and_says_the_run_was_co
     printed = capsys.readouterr()
     assert "SIGUSR1 came after the last training step" in printed.out + printed.err
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
+    fault_result.update(steps_lost=0)

@@ -53,7 +53,12 @@ def signalled_at_start(command: list[str], env: dict[str, str], log: Path) -> tu
     return code, log.read_text()
 
 
-def test_a_requeue_signal_during_start_up_requeues_once_then_refuses_without_progress(shards, tmp_path):
+@pytest.mark.fault(
+    "SIGUSR1 under SLURM", "start-up (imports)", "requeued once; the same again without progress is refused"
+)
+def test_a_requeue_signal_during_start_up_requeues_once_then_refuses_without_progress(
+    shards, tmp_path, fault_result
+):
     """Under SLURM (fake scontrol): SIGUSR1 during the imports of the first incarnation requeues the job
     with nothing estimated yet; the same again in the second one, with no progress, is refused."""
     run = tmp_path / "run"
@@ -71,9 +76,11 @@ def test_a_requeue_signal_during_start_up_requeues_once_then_refuses_without_pro
     entries = read_requeues(str(run))
     assert [(e["step"], e["estimated"], e["requeued"]) for e in entries] == [(0, 0, True), (0, 0, False)]
     assert not list(run.glob("**/*.ckpt"))
+    fault_result.update(steps_lost=0)
 
 
-def test_sigterm_during_start_up_outside_slurm_stops_cleanly(shards, tmp_path):
+@pytest.mark.fault("SIGTERM", "start-up (imports)", "stops cleanly, exit 0")
+def test_sigterm_during_start_up_outside_slurm_stops_cleanly(shards, tmp_path, fault_result):
     run = tmp_path / "run"
     config = Path(fit_args(shards, run)[1])
     env = clean_env()
@@ -82,6 +89,7 @@ def test_sigterm_during_start_up_outside_slurm_stops_cleanly(shards, tmp_path):
     code, out = signalled_at_start(command, env, tmp_path / "out")
     assert code == 0, out[-3000:]
     assert "stopped before the μ/σ estimate" in out and not (run / REQUEUE_LOG).exists()
+    fault_result.update(steps_lost=0)
 
 
 def signal_at_estimate_batch(monkeypatch: pytest.MonkeyPatch, signum: int, at: int) -> None:
@@ -97,12 +105,16 @@ def signal_at_estimate_batch(monkeypatch: pytest.MonkeyPatch, signum: int, at: i
     monkeypatch.setattr(ReadoutDataModule, "estimate_dataloader", loader)
 
 
+@pytest.mark.fault(
+    "SIGTERM", "μ/σ estimate", "the estimate keeps its part; the next run estimates only the rest"
+)
 def test_a_signal_in_the_estimate_keeps_its_part_and_the_next_run_goes_on_from_it(
     uninterrupted,  # noqa: F811
     shards,
     tmp_path,
     monkeypatch,
     no_slurm,
+    fault_result,
 ):
     """8 samples in batches of 4: SIGTERM as the second batch comes. The first run keeps 4 samples'
     sums and stops; the second estimates only the other 4 and ends as the uninterrupted run."""
@@ -135,6 +147,7 @@ def test_a_signal_in_the_estimate_keeps_its_part_and_the_next_run_goes_on_from_i
     expected, got = readout_weights(uninterrupted), readout_weights(second)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    fault_result.update(steps_lost=0, same_weights=True)
 
 
 def test_a_part_of_another_estimate_is_not_continued(shards, tmp_path, monkeypatch, no_slurm):

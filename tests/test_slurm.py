@@ -157,7 +157,14 @@ def held_job_setup(tmp_path: Path, config_change: Any = None) -> tuple[dict[str,
     return env, run_dir, steps, marker
 
 
-def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resumes_from_it(tmp_path):
+@pytest.mark.fault(
+    "SLURM's SIGUSR1 to the task and its loader worker",
+    "training, job script",
+    "saved after the step, requeued, the requeued job resumes",
+)
+def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resumes_from_it(
+    tmp_path, fault_result
+):
     def change(config: dict) -> None:
         config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = 2
         config["data"]["num_workers"] = 1  # a worker process gets SLURM's signal too
@@ -209,6 +216,7 @@ def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resum
     assert (run_dir / "export" / "readout.json").is_file()
     assert not (tmp_path / "tracked-bundle").exists(), "a SLURM run wrote its bundle outside RUN_DIR"
     assert requeue_log.read_text() == f"requeue {JOB_ID}\n"  # the second run was not signalled
+    fault_result.update(steps_lost=0)
 
 
 def test_requeue_names_the_job_or_array_task_and_warns_where_it_cannot(tmp_path, monkeypatch):
@@ -233,6 +241,11 @@ def test_requeue_names_the_job_or_array_task_and_warns_where_it_cannot(tmp_path,
         assert requeue_slurm_job() is None
 
 
+@pytest.mark.fault(
+    "SIGUSR1 to the batch shell only (scancel -b)",
+    "training, job script",
+    "the shell forwards it; saved and requeued",
+)
 def test_a_requeue_signal_to_the_batch_shell_alone_reaches_the_training_and_requeues(tmp_path):
     """``scancel -b -s USR1``: only the batch shell is signalled. It passes the signal on to srun (here
     the task itself), which saves, requeues and exits 0; the shell exits with it, 0."""

@@ -110,8 +110,15 @@ def weights(directory: Path) -> dict:
     return load_file(directory / "run" / "export" / "readout.safetensors")
 
 
+@pytest.mark.fault(
+    "SIGUSR1 to every task, 2 nodes x 2 processes",
+    "training, job script",
+    "saved, requeued, resumed; each sample of the epoch trained once",
+)
 @pytest.mark.ddp
-def test_two_nodes_preempted_and_requeued_end_as_an_uninterrupted_run_and_as_one_process(shards8, tmp_path):
+def test_two_nodes_preempted_and_requeued_end_as_an_uninterrupted_run_and_as_one_process(
+    shards8, tmp_path, fault_result
+):
     # the job preempted mid-epoch: every task of both nodes signalled in step 3
     env, preempted = job(tmp_path, shards8, "4301", nodes=2, per_node=2)
     hold_in_step_3(env, preempted)
@@ -170,3 +177,4 @@ def test_two_nodes_preempted_and_requeued_end_as_an_uninterrupted_run_and_as_one
     for key in final:
         torch.testing.assert_close(final[key], straight[key], rtol=1e-6, atol=1e-8, msg=key)
         torch.testing.assert_close(final[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
+    fault_result.update(steps_lost=0, same_weights="within rounding")
