@@ -61,6 +61,8 @@ def job(tmp_path: Path, shards: Path, job_id: str, nodes: int, per_node: int) ->
     env = slurm_env(
         directory / "run", write_config(directory / "job.yaml", config), directory / "scontrol.log"
     )
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        env.pop(key, None)  # left by in-process DDP tests: Lightning takes the port from the job id
     env.update(
         SLURM_JOB_ID=job_id,
         SLURM_NNODES=str(nodes),
