@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv demo test test-slow faults lint bench relevance eval resnet18 readout-synthetic
+.PHONY: venv demo test test-slow test-slurm faults lint bench relevance eval resnet18 readout-synthetic
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ test: lint
 
 test-slow: venv
 	$(VENV)/bin/pytest -q -m slow
+
+# slurm/train_readout.sh under a real single-node SLURM on this machine (tests/test_slurm_real.py; root;
+# about 10 minutes). Debian's packages are installed first where they are missing.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+test-slurm: venv
+	command -v slurmctld >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y slurmctld slurmd slurm-client munge
+	$(VENV)/bin/pytest -q -m slurm
 
 # The fault matrix: every fault test (slow ones included), then their table (README, "What happens when").
 faults: venv
