@@ -33,6 +33,7 @@ import shlex
 import sys
 import time
 import traceback
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -265,7 +266,11 @@ def run(preemption: Preemption, args: list[str] | None) -> ReadoutCLI:
     explain_observer_kills(trainer)
     started = time.perf_counter()
     try:
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with warnings.catch_warnings():
+            # The classifier is frozen in eval mode on purpose (its batch norms must not move); Lightning
+            # counts its modules and warns on every start and resume, which users read as a fault.
+            warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", UserWarning)
+            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         if preemption.received is None:  # Lightning's own handler, before the first training step
             rank_zero_info("stopped by SIGTERM before the first training step: nothing to save")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -325,3 +326,14 @@ def resnet50_args(shards: Path, run_dir: Path, devices: int = 1) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         "--run_dir", str(run_dir),
     ]  # fmt: skip
+
+
+def test_a_run_does_not_warn_that_the_frozen_classifier_is_in_eval_mode(shards64, tmp_path, no_slurm):
+    """Lightning warns on every start that modules are in eval mode; here that is the frozen classifier,
+    on purpose, so readout.fit silences it."""
+    path = write_config(tmp_path / "tiny.yaml", tiny_config(shards64, max_steps=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = fit(["--config", str(path), "--run_dir", str(tmp_path / "run")])
+    assert cli.trainer.global_step == 1
+    assert not [w for w in caught if "in eval mode" in str(w.message)], [str(w.message) for w in caught]
