@@ -40,10 +40,12 @@ def shards8(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def job(tmp_path: Path, shards: Path, job_id: str, nodes: int, per_node: int) -> tuple[dict[str, str], Path]:
+def job(
+    tmp_path: Path, shards: Path, job_id: str, nodes: int, per_node: int, hold: bool = False
+) -> tuple[dict[str, str], Path]:
     """The environment of SLURM job ``job_id`` on ``nodes`` x ``per_node`` tasks and its directory; the
-    readout.fit config holds its global batch at GLOBAL_BATCH and, in step 3, holds every rank until
-    it is signalled (tests/fake_slurm/probe.py), except in a run that is not to be preempted."""
+    readout.fit config holds its global batch at GLOBAL_BATCH and, with ``hold``, holds every rank in
+    step 3 until it is signalled (tests/fake_slurm/probe.py)."""
     world = nodes * per_node
     directory = tmp_path / job_id
     directory.mkdir()
@@ -58,6 +60,13 @@ def job(tmp_path: Path, shards: Path, job_id: str, nodes: int, per_node: int) ->
     config["trainer"]["callbacks"].append(
         {"class_path": "ordered.OrderedData", "init_args": {"keys_file": str(directory / "keys-{rank}.txt")}}
     )
+    if hold:
+        probe = {
+            "steps_file": str(directory / "steps-{rank}.txt"),
+            "hold_at": 2,
+            "marker": str(directory / "held-{rank}"),
+        }
+        config["trainer"]["callbacks"].append({"class_path": "probe.Probe", "init_args": probe})
     env = slurm_env(
         directory / "run", write_config(directory / "job.yaml", config), directory / "scontrol.log"
     )
@@ -73,21 +82,6 @@ def job(tmp_path: Path, shards: Path, job_id: str, nodes: int, per_node: int) ->
         OMP_NUM_THREADS="1",
     )
     return env, directory
-
-
-def hold_in_step_3(env: dict[str, str], directory: Path) -> None:
-    """Adds the Probe that holds every rank in step 3 until it is signalled to the job's config."""
-    config = Path(env["CONFIG"])
-    text = config.read_text()
-    probe = (
-        "  - class_path: probe.Probe\n"
-        "    init_args:\n"
-        f"      steps_file: '{directory / 'steps-{rank}.txt'}'\n"
-        "      hold_at: 2\n"
-        f"      marker: '{directory / 'held-{rank}'}'\n"
-    )
-    assert "  callbacks:\n" in text
-    config.write_text(text.replace("  callbacks:\n", "  callbacks:\n" + probe, 1))
 
 
 def run_job(env: dict[str, str], log: Path, timeout: float = 600) -> None:
@@ -122,8 +116,7 @@ def test_two_nodes_preempted_and_requeued_end_as_an_uninterrupted_run_and_as_one
     shards8, tmp_path, fault_result
 ):
     # the job preempted mid-epoch: every task of both nodes signalled in step 3
-    env, preempted = job(tmp_path, shards8, "4301", nodes=2, per_node=2)
-    hold_in_step_3(env, preempted)
+    env, preempted = job(tmp_path, shards8, "4301", nodes=2, per_node=2, hold=True)
     first_log = preempted / "first.out"
     with first_log.open("w") as out:
         batch = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=out, stderr=subprocess.STDOUT)
