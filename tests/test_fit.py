@@ -212,8 +212,11 @@ def test_validation_can_be_turned_off_from_the_command_line(shards64):
 # Resuming
 
 
-def readout_weights(cli) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in cli.model.attributor.net.state_dict().items()}
+def assert_same_readout_weights(cli, reference) -> None:
+    """The readout net of run ``cli`` equals that of run ``reference`` (to 1e-6, absolute)."""
+    expected = reference.model.attributor.net.state_dict()
+    for key, value in cli.model.attributor.net.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +266,7 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 6
     assert all(s["step"] == 6 for s in checkpoint["optimizer_states"][0]["state"].values())
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     statistics = second.model.attributor.statistics
     assert statistics.count.item() == 8
     torch.testing.assert_close(statistics.total, uninterrupted.model.attributor.statistics.total)
@@ -288,9 +289,7 @@ def test_a_run_in_an_fsspec_url_resumes_from_its_last_checkpoint(
     second = fit([*run, "--ckpt_path", "last"])
     assert second.trainer.ckpt_path == f"memory://{root}/checkpoints/last.ckpt"
     assert second.trainer.global_step == 6
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     assert fs.isfile(f"{root}/export/readout.json") and not (tmp_path / "runs").exists()
 
 

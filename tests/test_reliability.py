@@ -13,7 +13,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -68,10 +67,6 @@ def fit_args(
     config["trainer"]["callbacks"][:0] = callbacks or []
     run.mkdir(parents=True, exist_ok=True)
     return ["--config", str(write_config(run.parent / f"{run.name}.yaml", config)), "--run_dir", str(run)]
-
-
-def readout_weights(cli: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in cli.model.attributor.net.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------------------------

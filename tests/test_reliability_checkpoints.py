@@ -18,7 +18,8 @@ import pytest
 import pytorch_lightning as pl
 import test_reliability as shared
 import torch
-from test_reliability import fit_args, readout_weights
+from test_fit import assert_same_readout_weights
+from test_reliability import fit_args
 from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
 
 from readout import checkpointing
@@ -187,9 +188,7 @@ def test_resume_from_last_falls_back_past_corrupt_checkpoints_and_says_so(
         messages
     )
     assert resumed.trainer.global_step == 6
-    expected, got = readout_weights(reference), readout_weights(resumed)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(resumed, reference)
     fault_result.update(steps_lost=2, same_weights=True)
 
 
@@ -304,7 +303,5 @@ def test_a_full_disk_at_a_save_stops_the_run_and_the_checkpoints_before_it_resum
     DISK["full"] = False  # space was freed
     second = fit([*fit_args(shards, run), "--ckpt_path", "last"])
     assert second.trainer.global_step == 6
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     fault_result.update(steps_lost=2, same_weights=True)

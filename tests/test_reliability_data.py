@@ -16,8 +16,10 @@ import pytorch_lightning as pl
 import test_reliability as shared
 import torch
 import webdataset as wds
-from test_reliability import fit_args, readout_weights
+from test_fit import assert_same_readout_weights
+from test_reliability import fit_args
 from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
+from test_slurm import step_processes
 
 from readout.data.shards import ShardDataset, ShardHealth, make_loader
 from readout.data.synthetic import generate, to_record, write_shards
@@ -156,14 +158,8 @@ class KillLoaderWorkersAt(pl.Callback):
         if trainer.global_step != self.at or self.done:
             return
         self.done = True
-        me = os.getpid()
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if parent == me:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
+        for worker in step_processes(os.getpid())[1:]:
+            os.kill(worker, signal.SIGKILL)
         time.sleep(2)  # torch's SIGCHLD handler raises here, or at the next batch
 
 
@@ -190,7 +186,5 @@ def test_a_killed_loader_worker_stops_the_run_with_advice_and_the_last_checkpoin
 
     second = fit([*fit_args(shards, run), "--data.num_workers", "1", "--ckpt_path", "last"])
     assert second.trainer.global_step == 6  # step 3 again: 1 step lost
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     fault_result.update(steps_lost=1, same_weights=True)

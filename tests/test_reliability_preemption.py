@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 import test_reliability as shared
 import torch
 from test_ddp import ddp_env
-from test_reliability import fit_args, readout_weights
+from test_fit import assert_same_readout_weights
+from test_reliability import fit_args
 
 from readout.faults import Preemption
 from readout.fit import main as fit
@@ -106,9 +107,7 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_o
     second = fit([*fit_args(shards, run), "--ckpt_path", "last"])
     assert second.trainer.global_step == 6 and not second.trainer.interrupted
     assert len(estimates) == 1, "the resumed run estimated μ/σ again instead of restoring them"
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     reference = uninterrupted.model.attributor.statistics
     torch.testing.assert_close(second.model.attributor.statistics.total, reference.total)
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -180,9 +179,7 @@ def test_a_signal_in_validation_saves_after_the_next_step_and_the_resumed_run_en
         [*fit_args(shards, run, **validation), "--data.val_shards", str(shards), "--ckpt_path", "last"]
     )
     assert second.trainer.global_step == 6 and not second.trainer.interrupted
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     fault_result.update(steps_lost=0, same_weights=True)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import test_reliability as shared
 import torch
-from test_fit import REPO, clean_env
-from test_reliability import fit_args, readout_weights
+from test_fit import REPO, assert_same_readout_weights, clean_env
+from test_reliability import fit_args
 from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
 from test_slurm import FAKE_SLURM, JOB_ID, slurm_env
 
@@ -144,9 +144,7 @@ def test_a_signal_in_the_estimate_keeps_its_part_and_the_next_run_goes_on_from_i
     ):
         torch.testing.assert_close(mine.total, theirs.total, rtol=0, atol=0)
         assert mine.count.item() == theirs.count.item() == 8
-    expected, got = readout_weights(uninterrupted), readout_weights(second)
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_readout_weights(second, uninterrupted)
     fault_result.update(steps_lost=0, same_weights=True)
 
 
