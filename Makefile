@@ -57,12 +57,16 @@ readout-synthetic: venv
 eval: venv
 	$(PY) -m readout.evaluate --config configs/eval/synthetic.yaml
 
-# Relevance-IBA against upsampled IBA (README, "Relevance-IBA"): the 224-px readout is trained first
-# (about 4 minutes on 2 cores; its bundle is 19 MB, so it is made here rather than shipped).
+# Relevance-IBA against upsampled IBA (README, "Relevance-IBA"): the 224-px readout is trained first,
+# distilled from Per-Sample maps of 1,000 training images (times: docs/readout-training.md; its bundle
+# is 19 MB, so it is made here rather than shipped).
 HIRES := data/synthetic-224
 relevance: venv
 	test -f $(HIRES)/train/manifest.json || $(PY) -m readout.data.synthetic --out $(HIRES)/train --n 4000 --size 224 --seed 20
 	test -f $(HIRES)/val/manifest.json || $(PY) -m readout.data.synthetic --out $(HIRES)/val --n 256 --size 224 --seed 21
+	test -f $(HIRES)/train-teacher-1k.safetensors || $(PY) -m readout.teacher \
+		--classifier checkpoints/synthetic-cnn-224.safetensors --shards '$(HIRES)/train/synthetic-000000.tar' \
+		--layer block3 --estimate-samples 500 --out $(HIRES)/train-teacher-1k.safetensors
 	test -f checkpoints/readout-224/readout.json || $(PY) -m readout.fit --config configs/synthetic-224.yaml
 	$(PY) -m readout.compare_relevance --hires-classifier checkpoints/synthetic-cnn-224.safetensors \
 		--readout checkpoints/readout-demo checkpoints/readout-224 --out results/compare-relevance

@@ -190,6 +190,7 @@ def test_every_eval_config_is_shipped():
         "synthetic-layer",
         "resnet18-synthetic",
         "resnet18-select",
+        "synthetic-224-select",
     }
 
 
