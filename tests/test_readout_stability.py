@@ -8,13 +8,12 @@ first 150, and 60 steps of 16 without it.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from test_fit import tiny_config, write_config
+from test_fit import no_slurm, tiny_config, write_config  # noqa: F401 (no_slurm: a fixture)
 
 from readout.data.synthetic import synthetic_batch, write_shards
 from readout.fit import main as fit
@@ -62,12 +61,11 @@ def train_at_paper_beta(
     return top1_bottleneck, box, [str(w.message) for w in caught]
 
 
+@pytest.mark.usefixtures("no_slurm")
 def test_the_paper_beta_trains_with_the_warm_up_and_collapses_without_it(
     synthetic_set, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
     top1, box, messages = train_at_paper_beta(
         synthetic_set, tmp_path / "warm", steps=200, warmup=150, batch_size=32
     )
