@@ -106,9 +106,11 @@ class BottleneckAttributor(nn.Module):
                 f"map strictly before the logits, and {layer!r} gives (B, {info.channels})"
             )
         self.shape = (info.channels, info.height, info.width)
+        # Made on the classifier's device: an attributor built around a classifier already on the GPU
+        # must not keep its statistics on the CPU until someone calls .to().
         self.bottleneck = InformationBottleneck(
             FeatureStatistics(self.shape, min_std, active_threshold), sigma
-        )
+        ).to(classifier.mean.device)
 
     # The split is made on demand, not stored as a submodule: the classifier's weights stay registered
     # once (under ``classifier.``), so state dicts and checkpoints do not hold three copies.

@@ -48,10 +48,11 @@ class ReadoutBottleneck(BottleneckAttributor):
         self.taps = list(taps or classifier.defaults.readout_taps)
         infos = classifier.tap_info(self.taps)
         shapes = [(i.channels, i.height, i.width) if i.spatial else (i.channels,) for i in infos]
+        device = classifier.mean.device  # on the classifier's device, as the bottleneck (see the base)
         self.readout_statistics = nn.ModuleList(
             FeatureStatistics(s, min_std, active_threshold) for s in shapes
-        )
-        self.net = ReadoutNet(sum(s[0] for s in shapes), self.shape[0], init_alpha, hidden)
+        ).to(device)
+        self.net = ReadoutNet(sum(s[0] for s in shapes), self.shape[0], init_alpha, hidden).to(device)
         self.hidden = hidden
 
     @property

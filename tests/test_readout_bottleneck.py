@@ -121,3 +121,16 @@ def test_first_layer_before_the_resize_gives_the_alpha_of_the_stacked_features(s
     message = f"the taps have {missing} channels, the readout net reads {channels}"
     with pytest.raises(ValueError, match=message):
         net(features[:-1], stats[:-1], (8, 8))
+
+
+@pytest.mark.parametrize("kind", ["per-sample", "readout"])
+def test_an_attributor_is_made_on_its_classifiers_device(kind):
+    # Built around a classifier already on a GPU, the statistics and the readout net were made on the
+    # CPU, and estimate() failed with "Expected all tensors to be on the same device" (found on an H200).
+    # The meta device stands in for the GPU here: nothing of the attributor may stay on the CPU.
+    from readout.per_sample import PerSample
+
+    classifier = load_classifier("synthetic-cnn", weights=None).to("meta")
+    attributor = PerSample(classifier) if kind == "per-sample" else ReadoutBottleneck(classifier)
+    tensors = [*attributor.parameters(), *attributor.buffers()]
+    assert {tensor.device.type for tensor in tensors} == {"meta"}
