@@ -41,6 +41,7 @@ from readout.attributor import BottleneckAttributor, Explanation  # noqa: E402
 from readout.backbones import load_classifier  # noqa: E402
 from readout.classifier import Classifier  # noqa: E402
 from readout.data.synthetic import synthetic_batch  # noqa: E402
+from readout.logs import show_info
 from readout.metrics.localisation import LOCALISATION_SCORES, localisation_scores  # noqa: E402
 from readout.per_sample import PerSample  # noqa: E402
 from readout.plotting import overlay  # noqa: E402
@@ -415,6 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    show_info()
     args = parse_args(argv)
     started = time.perf_counter()
     torch.manual_seed(0)

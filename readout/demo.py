@@ -21,6 +21,7 @@ from readout.data.shards import make_loader
 from readout.data.synthetic import synthetic_batch, write_shards
 from readout.data.transforms import eval_transform
 from readout.export import load
+from readout.logs import show_info
 from readout.metrics import box_ratio
 from readout.plotting import save_heatmap_png, save_heatmap_sheet
 
@@ -65,6 +66,7 @@ def held_out_report(bundle: str, out: Path, n: int, size: int, pictures: int) ->
 
 
 def main(argv: list[str] | None = None) -> None:
+    show_info()
     parser = argparse.ArgumentParser(prog="python -m readout.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--data", default="data/synthetic")

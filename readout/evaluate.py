@@ -54,6 +54,7 @@ from readout.data.shards import ShardList, make_loader, resolve_shards
 from readout.data.transforms import eval_transform
 from readout.explain import DEFAULT_CACHE
 from readout.export import classifier_fingerprint
+from readout.logs import show_info
 from readout.methods import (
     Attributor,
     MethodContext,
@@ -1093,6 +1094,7 @@ def parse_config(argv: list[str] | None = None) -> EvalConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    show_info()
     config = parse_config(argv)
     results = evaluate(config)
     if results.get("plots") is not None:

@@ -33,10 +33,11 @@ from readout.backbones import load_classifier
 from readout.classifier import Classifier
 from readout.export import classifier_fingerprint, load
 from readout.images import BadImage, expand_images, load_image
+from readout.logs import show_info
 from readout.lrp import CANONIZERS, COMPOSITES
 from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
-from readout.precision import PRECISIONS
+from readout.precision import PRECISIONS, resolve_precision
 from readout.relevance import INJECTIONS, RelevanceIBA
 
 DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
@@ -302,6 +303,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"method": args.method, "images": {}, "failed": {}}
     if isinstance(attributor, RelevanceIBA):
         summary["relevance"] = resolved_relevance_options(attributor)
+    fitted = attributor.base if isinstance(attributor, RelevanceIBA) else attributor
+    if isinstance(fitted, PerSample):  # the precision its fits ran in ("auto" resolved for this device)
+        summary["precision"] = resolve_precision(fitted.precision, torch.device(args.device))
     stems = unique_stems(files)
     for start in tqdm(range(0, len(files), args.batch_size), desc="explaining", unit="batch"):
         batch_files, batch_stems, images = [], [], []
@@ -335,6 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    show_info()
     summary = run(parse_args(argv))
     done, failed = len(summary["images"]), len(summary["failed"])
     print(f"{done} heatmaps written, {failed} files skipped")

@@ -60,6 +60,7 @@ from readout.faults import (
     peer_failure_message,
 )
 from readout.lit import ReadoutModule
+from readout.logs import show_info
 
 
 class ReadoutCLI(LightningCLI):
@@ -241,6 +242,7 @@ def resumable(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def main(args: list[str] | None = None) -> ReadoutCLI:
+    show_info()
     preemption = Preemption()
     preemption.install_early()  # before anything slow: a signal from here on is remembered, not fatal
     try:

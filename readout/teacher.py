@@ -34,6 +34,7 @@ from readout.checkpointing import atomic_write
 from readout.data.shards import ShardDataset, make_loader, resolve_shards
 from readout.data.teacher import FORMAT
 from readout.export import classifier_fingerprint
+from readout.logs import show_info
 from readout.per_sample import PerSample
 
 
@@ -116,6 +117,7 @@ def compute(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    show_info()
     parser = argparse.ArgumentParser(prog="python -m readout.teacher", description=__doc__.splitlines()[0])
     parser.add_argument("--classifier", default="synthetic-cnn", help="a name or a saved classifier's path")
     parser.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weight entry")

@@ -41,7 +41,8 @@ def odd_files(folder):
     (folder / "notes.jpg").write_text("this is not an image")
 
 
-def test_odd_files_are_reported_and_the_rest_are_done(classifier_path, tmp_path):
+def test_odd_files_are_reported_and_the_rest_are_done(classifier_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("readout.precision._reported", set())  # the choice is logged once per process
     images = tmp_path / "images"
     images.mkdir()
     odd_files(images)
@@ -63,6 +64,9 @@ def test_odd_files_are_reported_and_the_rest_are_done(classifier_path, tmp_path)
         assert (out / f"{stem}.png").stat().st_size > 0
         assert 0 <= record["probability_bottleneck"] <= 1
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    # The precision "auto" chose is in the summary and on stderr (conftest: no native bf16 in tests).
+    assert summary["precision"] == "fp32"
+    assert "precision auto on cpu: fp32 (no native bf16)" in capsys.readouterr().err
 
 
 def test_statistics_are_cached_and_reused(classifier_path, tmp_path):

@@ -1,0 +1,37 @@
+"""What the command-line tools show of the library's log: readout's INFO lines, on stderr.
+
+The library logs through ``logging.getLogger(__name__)`` and sets up no handler (a program that
+imports readout configures logging as it likes). Each ``python -m readout.<tool>`` calls
+:func:`show_info` first, so that lines such as the precision that ``precision="auto"`` chose and the
+time of each compile reach the user; without a handler Python would show warnings only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+
+class _Stderr(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is at each line, not at creation (a test's
+    captured stream, a redirect made later)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns one; ignored
+        pass
+
+
+def show_info() -> None:
+    """readout's INFO and above on stderr, as bare messages (once per process)."""
+    logger = logging.getLogger("readout")
+    if any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        return
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
