@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: venv demo test test-slow test-slurm faults lint bench relevance eval resnet18 readout-synthetic
+.PHONY: venv demo test test-slow test-slurm faults lint bench gpu relevance eval resnet18 readout-synthetic
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,16 @@ faults: venv
 bench: venv
 	$(PY) -m readout.bench --repeats 3 per-sample --classifiers synthetic-cnn --batch-sizes 8
 	$(PY) -m readout.bench --repeats 1 readout --classifiers synthetic-cnn --batch 8
+
+# The GPU checks and the --device cuda rows of BENCHMARKS.md ("GPU runs"; about 3 minutes on an H200).
+gpu: venv
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m gpu
+	$(PY) -m readout.bench --device cuda --repeats 3 per-sample --classifiers resnet50 --batch-sizes 8
+	$(PY) -m readout.bench --device cuda --repeats 5 per-sample --classifiers synthetic-cnn --batch-sizes 8 64
+	$(PY) -m readout.bench --device cuda --repeats 5 readout --classifiers resnet50 --batch 64 --bf16 \
+		--channels-last --compile --hidden 1024 512 256
+	$(PY) -m readout.bench --device cuda --repeats 3 relevance
+	$(PY) -m readout.bench --device cuda --repeats 3 data --workers 0 4 8 16 --bf16 --channels-last
 
 # The product's readout on the synthetic set (docs/readout-training.md): Per-Sample maps of the 12,000
 # training images as its teacher (python -m readout.teacher, skipped when the file is there), then the

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from readout.backbones import load_classifier
 from readout.lit import ReadoutModule
+from readout.logs import show_info
 from readout.per_sample import PerSample
 from readout.precision import native_bf16
 from readout.reference import straightforward_heatmaps
@@ -752,7 +753,8 @@ def bench_relevance(args: argparse.Namespace) -> list[dict]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m readout.bench`` (a test parses every command the docs give)."""
     parser = argparse.ArgumentParser(prog="python -m readout.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -815,7 +817,12 @@ def main(argv: list[str] | None = None) -> None:
     data.add_argument("--bf16", action="store_true", help="time that step under bf16 autocast")
     data.add_argument("--channels-last", action="store_true", help="time that step in channels_last")
     data.set_defaults(run=bench_data)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    show_info()
+    args = build_parser().parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     device = (
         torch.cuda.get_device_name()

@@ -2,10 +2,13 @@
 
 import json
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
-from readout.bench import main, write_stored_sizes
+from readout.bench import build_parser, main, write_stored_sizes
 from readout.data.shards import make_loader
 from readout.data.transforms import eval_transform
 from readout.lit import ReadoutModule
@@ -170,3 +173,30 @@ def test_stored_sizes_hold_the_same_images_at_full_size_and_resized(tmp_path):
     assert list(shapes.values())[0][0] == (3, 3, 96, 96)
     assert list(shapes.values())[1][0] == (3, 3, 48, 48)
     assert list(shapes.values())[0][1] == list(shapes.values())[1][1]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def documented_bench_commands() -> list[str]:
+    """Every ``python -m readout.bench ...`` that BENCHMARKS.md, the README, docs/ and the Makefile give."""
+    files = [ROOT / "BENCHMARKS.md", ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    commands = [c for f in files for c in re.findall(r"`(python -m readout\.bench[^`]*)`", f.read_text())]
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    commands += [
+        f"python -m readout.bench{rest}" for rest in re.findall(r"-m readout\.bench([^\n]*)", makefile)
+    ]
+    return commands
+
+
+def test_every_documented_bench_command_parses():
+    # A top-level option after the subcommand (`per-sample ... --device cuda`) is an argparse error:
+    # the GPU rows of BENCHMARKS.md carried that mistake before a GPU first ran them.
+    commands = documented_bench_commands()
+    assert len(commands) >= 10 and any("--device cuda" in c for c in commands)
+    for command in commands:
+        words = shlex.split(command.replace("--processes N", "--processes 2"))[3:]
+        if not words or words[0] in {"...", "{per-sample,readout,ddp,data}"}:
+            continue  # prose about the tool, not a command
+        args = build_parser().parse_args(words)
+        assert args.command in {"per-sample", "relevance", "readout", "ddp", "data"}, command
