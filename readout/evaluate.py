@@ -52,7 +52,6 @@ from readout.backbones import load_classifier
 from readout.classifier import Classifier
 from readout.data.shards import ShardList, make_loader, resolve_shards
 from readout.data.transforms import eval_transform
-from readout.explain import DEFAULT_CACHE
 from readout.export import classifier_fingerprint
 from readout.logs import show_info
 from readout.methods import (
@@ -87,6 +86,7 @@ from readout.metrics.paired import ImageScores, key_hashes, paired_differences
 from readout.metrics.randomisation import cascading_randomisation
 from readout.metrics.tiles import Baseline
 from readout.split import folded_copy
+from readout.statistics_cache import DEFAULT_CACHE
 
 #: Bump when the meaning of cached states changes: older cache files are then ignored.
 CACHE_VERSION = 3  # 3: per-image scores for paired differences
@@ -162,10 +162,10 @@ class DataConfig:
 
 @dataclass
 class StatisticsConfig:
-    """Where the Per-Sample Bottleneck's μ/σ come from (estimated once, cached with explain's key)."""
+    """Where the Per-Sample Bottleneck's μ/σ come from (estimated once, cached as explain caches them)."""
 
     shards: str | None = None
-    """Shards of the classifier's training data; null: explain's synthetic images (synthetic-cnn)."""
+    """Shards of the classifier's training data; null: the synthetic set (synthetic-cnn only)."""
     samples: int = 2000
     cache: str = str(DEFAULT_CACHE)
     images: list[str] | None = None

@@ -16,22 +16,20 @@ once per classifier, layer and data source, and cached on disk (``--cache``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from readout.attributor import BottleneckAttributor
 from readout.backbones import load_classifier
 from readout.classifier import Classifier
-from readout.export import classifier_fingerprint, load
+from readout.export import load
 from readout.images import BadImage, expand_images, load_image
 from readout.logs import show_info
 from readout.lrp import CANONIZERS, COMPOSITES
@@ -39,62 +37,17 @@ from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
 from readout.precision import PRECISIONS, resolve_precision
 from readout.relevance import INJECTIONS, RelevanceIBA
-
-DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"
-
-
-def estimate_batches(args: argparse.Namespace, architecture: str, size: int) -> Iterator[torch.Tensor]:
-    """Images for μ/σ: from ``--estimate-shards``, ``--estimate-images`` (files or globs; files that are
-    not images are skipped with a message), or the synthetic set for the synthetic classifier."""
-    if args.estimate_images:
-        files = expand_images(args.estimate_images)[: args.estimate_samples]
-        for start in range(0, len(files), 32):
-            images = []
-            for file in files[start : start + 32]:
-                try:
-                    images.append(load_image(file, size))
-                except BadImage as error:
-                    print(f"skipped for μ/σ: {error}", file=sys.stderr)
-            if images:
-                yield torch.stack(images)
-        return
-    if args.estimate_shards:
-        from readout.data.shards import make_loader
-        from readout.data.transforms import eval_transform
-
-        transform = eval_transform(resize=size, crop=size)
-        loader = make_loader(args.estimate_shards, "eval", batch_size=32, num_workers=2, transform=transform)
-        for batch in loader:
-            yield batch["image"]
-        return
-    if architecture != "synthetic-cnn":
-        raise SystemExit(
-            f"error: the per-sample bottleneck needs μ/σ over data for {args.classifier!r}: "
-            f"pass --estimate-images (a folder glob of its training images) or --estimate-shards"
-        )
-    from readout.data.synthetic import synthetic_batch
-
-    # A seed of its own, distinct from the classifier's training and held-out seeds.
-    for start in range(0, args.estimate_samples, 64):
-        yield synthetic_batch(min(64, args.estimate_samples - start), size, seed=777, start=start)["image"]
+from readout.statistics_cache import (
+    DEFAULT_CACHE,
+    MissingStatisticsData,
+    StatisticsSource,
+    with_cached_statistics,
+)
 
 
-def with_cached_statistics(attributor: BottleneckAttributor, args: argparse.Namespace) -> None:
-    """Loads the attributor's statistics from the cache, or estimates and stores them."""
-    source = "|".join(args.estimate_images or []) or args.estimate_shards or "synthetic:777"
-    key = "|".join(
-        [classifier_fingerprint(attributor.classifier), attributor.layer, source, str(args.estimate_samples)]
-    )
-    path = Path(args.cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
-    if path.is_file():
-        attributor.statistics.load_state_dict(load_file(str(path)))
-        return
-    classifier = attributor.classifier
-    batches = estimate_batches(args, classifier.name, classifier.input_size)
-    attributor.estimate(batches, max_samples=args.estimate_samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = attributor.statistics.state_dict()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+def statistics_source(args: argparse.Namespace) -> StatisticsSource:
+    """The images for μ/σ that the arguments name (see :class:`readout.statistics_cache.StatisticsSource`)."""
+    return StatisticsSource(tuple(args.estimate_images or ()), args.estimate_shards, args.estimate_samples)
 
 
 def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
@@ -110,7 +63,10 @@ def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
         precision=args.precision,
         compile=args.compile,
     )
-    with_cached_statistics(attributor, args)
+    try:
+        with_cached_statistics(attributor, statistics_source(args), args.cache)
+    except MissingStatisticsData as error:
+        raise SystemExit(f"error: {error}") from None
     return attributor
 
 

@@ -52,7 +52,6 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Literal, Protocol
 
 import fsspec
@@ -72,7 +71,6 @@ from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation
 from readout.classifier import LOGITS, Classifier, out_of_place
-from readout.explain import DEFAULT_CACHE, with_cached_statistics
 from readout.export import load, readout_state
 from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
 from readout.metrics.tiles import Baseline, baseline_images
@@ -80,6 +78,7 @@ from readout.per_sample import PerSample
 from readout.precision import Precision
 from readout.readout_bottleneck import ReadoutBottleneck
 from readout.relevance import RelevanceIBA, relevance_attributor
+from readout.statistics_cache import DEFAULT_CACHE, StatisticsSource, with_cached_statistics
 from readout.taps import tap_module
 
 Reduction = Literal["sum", "abs-sum", "max-abs", "mean"]
@@ -193,8 +192,8 @@ class MethodContext:
 
     ``statistics_shards`` or ``statistics_images`` (image files or globs): whose images give μ/σ (the
     classifier's training data); neither uses
-    :mod:`readout.explain`'s synthetic images (synthetic classifier only). Estimates are cached on
-    disk under ``statistics_cache`` with explain's key, so the explain CLI and evaluations share them.
+    :mod:`readout.statistics_cache`'s synthetic images (synthetic classifier only). Estimates are
+    cached on disk under ``statistics_cache``, with the key explain uses too, so they share them.
     ``share``: build each distinct bottleneck base once per classifier object. Turn it off for
     classifiers that change in place (the randomisation check re-initialises one copy step by step).
     """
@@ -231,15 +230,12 @@ class MethodContext:
         return bases[key]
 
     def estimate(self, attributor: BottleneckAttributor) -> None:
-        """Loads the attributor's μ/σ from explain's cache, or estimates and caches them."""
-        args = SimpleNamespace(
-            estimate_shards=self.statistics_shards,
-            estimate_images=self.statistics_images,
-            estimate_samples=self.statistics_samples,
-            cache=self.statistics_cache,
-            classifier=attributor.classifier.name,
+        """Loads the attributor's μ/σ from the statistics cache (shared with explain), or estimates and
+        caches them."""
+        source = StatisticsSource(
+            tuple(self.statistics_images or ()), self.statistics_shards, self.statistics_samples
         )
-        with_cached_statistics(attributor, args)  # type: ignore[arg-type]
+        with_cached_statistics(attributor, source, self.statistics_cache)
 
     def readout(self, classifier: Classifier, bundle: str) -> ReadoutBottleneck:
         """The bundle's readout on ``classifier``.
