@@ -254,12 +254,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     files = expand_images(args.images)
     attributor = METHODS[args.method](args).to(args.device)
-    classifier = attributor.base.classifier if isinstance(attributor, RelevanceIBA) else attributor.classifier
+    fitted = attributor.base if isinstance(attributor, RelevanceIBA) else attributor  # the bottleneck's own
+    classifier = fitted.classifier
     size = classifier.input_size
     summary: dict[str, Any] = {"method": args.method, "images": {}, "failed": {}}
     if isinstance(attributor, RelevanceIBA):
         summary["relevance"] = resolved_relevance_options(attributor)
-    fitted = attributor.base if isinstance(attributor, RelevanceIBA) else attributor
     if isinstance(fitted, PerSample):  # the precision its fits ran in ("auto" resolved for this device)
         summary["precision"] = resolve_precision(fitted.precision, torch.device(args.device))
     stems = unique_stems(files)

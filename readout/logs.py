@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 
-class _Stderr(logging.StreamHandler):
-    """A stream handler that writes to ``sys.stderr`` as it is at each line, not at creation (a test's
-    captured stream, a redirect made later)."""
+class _Stderr(logging.Handler):
+    """Writes to ``sys.stderr`` as it is at each line, not at creation (a test's captured stream, a
+    redirect made later)."""
 
-    @property  # type: ignore[override]
-    def stream(self) -> Any:
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns one; ignored
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
 
 
 def show_info() -> None:
