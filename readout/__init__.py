@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from readout.backbones import load_classifier, save_classifier
+    from readout.bundle import load
     from readout.classifier import Classifier
-    from readout.export import load
     from readout.per_sample import PerSample
     from readout.readout_bottleneck import ReadoutBottleneck
     from readout.relevance import RelevanceIBA
@@ -30,7 +30,7 @@ _EXPORTS = {
     "PerSample": "readout.per_sample",
     "ReadoutBottleneck": "readout.readout_bottleneck",
     "RelevanceIBA": "readout.relevance",
-    "load": "readout.export",
+    "load": "readout.bundle",
     "load_classifier": "readout.backbones",
     "save_classifier": "readout.backbones",
 }

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from readout.bottleneck import FeatureStatistics, InformationBottleneck
 from readout.classifier import Classifier, as_classifier
 from readout.split import Split
+from readout.targets import resolve_target
 
 #: How far outside [0, 1] image values may lie (rounding of resizes and dtype casts).
 RANGE_TOLERANCE = 1e-5
@@ -46,33 +47,6 @@ class Explanation:
     def total_bits(self) -> torch.Tensor:
         """(B,), bits that pass the bottleneck per image."""
         return self.information.sum(dim=(1, 2, 3))
-
-
-def checked_target(
-    target: torch.Tensor | int, batch: int, classes: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """(B,) long class indices on ``device`` from one int for all images or B indices.
-
-    A target that is not integral, of another length than ``batch``, or outside [0, ``classes``) is
-    a ValueError naming the batch size or the number of classes.
-    """
-    indices = torch.as_tensor(target, device=device)
-    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-        raise ValueError(f"target must be integer class indices, got dtype {indices.dtype}")
-    indices = indices.long()
-    if indices.dim() == 0:
-        indices = indices.expand(batch)
-    if indices.dim() != 1 or len(indices) != batch:
-        raise ValueError(
-            f"target must be one class index or one per image: the batch has {batch} images, "
-            f"got target of shape {tuple(indices.shape)}"
-        )
-    if bool(((indices < 0) | (indices >= classes)).any()):
-        raise ValueError(
-            f"target must be class indices in [0, {classes}) for a classifier of {classes} classes, "
-            f"got {indices.tolist()}"
-        )
-    return indices
 
 
 def images_of(batch: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -205,12 +179,10 @@ class BottleneckAttributor(nn.Module):
 
     @staticmethod
     def resolve_target(logits: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:
-        """(B,) target classes: the given ones (checked by :func:`checked_target`) or the top-1 of
-        ``logits`` (B, K)."""
-        if target is None:
-            return logits.argmax(1)
+        """(B,) target classes: the given ones, checked, or the top-1 of ``logits`` (B, K)
+        (:func:`readout.targets.resolve_target`)."""
         batch, classes = logits.shape
-        return checked_target(target, batch, classes, logits.device)
+        return resolve_target(target, batch, logits.device, lambda: logits, classes)
 
     def explain(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> Explanation:
         raise NotImplementedError

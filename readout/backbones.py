@@ -31,7 +31,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
-from readout.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, LayerDefaults
+from readout.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, LayerDefaults, LrpDefaults
 from readout.resources import checkpoint_dir
 
 BUILTIN = "synthetic-cnn"
@@ -115,15 +115,26 @@ class Entry:
     source: dict[str, Any] = field(default_factory=dict)
 
 
-#: The registry's own defaults; every other model takes the rule of readout.classifier.default_layers.
+#: The registry's own defaults (layers and LRP rules); every other model takes the rule of
+#: readout.classifier.default_layers and readout.lrp.AUTO.
 PAPER_DEFAULTS: dict[str, tuple[Callable[[nn.Module], dict[str, str]], LayerDefaults]] = {
     "resnet50": (
         resnet_aliases,
-        LayerDefaults("conv3_4", "conv2_3", ("conv2_3", "conv3_4", "conv4_6", "conv5_3", "fc")),
+        LayerDefaults(
+            "conv3_4",
+            "conv2_3",
+            ("conv2_3", "conv3_4", "conv4_6", "conv5_3", "fc"),
+            LrpDefaults("EpsilonPlusFlat", "resnet"),
+        ),
     ),
     "vgg16": (
         vgg_aliases,
-        LayerDefaults("conv4_1", "conv3_1", ("conv3_1", "conv4_1", "conv5_1", "conv5_3", "fc")),
+        LayerDefaults(
+            "conv4_1",
+            "conv3_1",
+            ("conv3_1", "conv4_1", "conv5_1", "conv5_3", "fc"),
+            LrpDefaults("EpsilonPlusFlat", "vgg"),
+        ),
     ),
 }
 
@@ -141,7 +152,9 @@ _SYNTHETIC = Entry(
         "fc": "fc",
     },
     # block2 for both: chosen on validation images only (configs/eval/synthetic-layer.yaml).
-    defaults=LayerDefaults("block2", "block2", ("block1", "block2", "block3", "fc")),
+    defaults=LayerDefaults(
+        "block2", "block2", ("block1", "block2", "block3", "fc"), LrpDefaults("EpsilonPlusFlat", "resnet")
+    ),
     source={"builtin": BUILTIN},
 )
 

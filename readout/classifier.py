@@ -41,12 +41,22 @@ def out_of_place(module: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
+class LrpDefaults:
+    """The LRP composite and canonizer a classifier gets unless told otherwise (:mod:`readout.lrp`)."""
+
+    composite: str
+    canonizer: str
+
+
+@dataclass(frozen=True)
 class LayerDefaults:
-    """The layers a classifier uses unless told otherwise (names: module paths or aliases)."""
+    """What a classifier uses unless told otherwise: its layers (names: module paths or aliases) and,
+    where chosen by hand for it, its LRP rules (None: :data:`readout.lrp.AUTO`)."""
 
     per_sample_layer: str
     readout_layer: str
     readout_taps: tuple[str, ...]
+    lrp: LrpDefaults | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +244,11 @@ class Classifier(nn.Module):
                 else HookedSplit(self.model, self.model.get_submodule(path))
             )
         return self._splits[path]
+
+    @property
+    def chosen_lrp(self) -> LrpDefaults | None:
+        """The LRP rules chosen by hand for this classifier in the registry; None where none were."""
+        return self._defaults.lrp if self._defaults is not None else None
 
     @property
     def defaults(self) -> LayerDefaults:

@@ -16,9 +16,9 @@ once per classifier, layer and data source, and cached on disk (``--cache``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from readout.attributor import BottleneckAttributor
 from readout.backbones import load_classifier
 from readout.classifier import Classifier
-from readout.export import load
+from readout.evaluation.context import MethodContext
+from readout.evaluation.methods import METHODS
 from readout.images import BadImage, expand_images, load_image
 from readout.logs import show_info
 from readout.lrp import CANONIZERS, COMPOSITES
@@ -40,34 +41,7 @@ from readout.relevance import INJECTIONS, RelevanceIBA
 from readout.statistics_cache import (
     DEFAULT_CACHE,
     MissingStatisticsData,
-    StatisticsSource,
-    with_cached_statistics,
 )
-
-
-def statistics_source(args: argparse.Namespace) -> StatisticsSource:
-    """The images for μ/σ that the arguments name (see :class:`readout.statistics_cache.StatisticsSource`)."""
-    return StatisticsSource(tuple(args.estimate_images or ()), args.estimate_shards, args.estimate_samples)
-
-
-def per_sample(args: argparse.Namespace) -> BottleneckAttributor:
-    # On the device before estimating: μ/σ over thousands of images should not run on the CPU.
-    classifier = classifier_of(args).to(args.device)
-    attributor = PerSample(
-        classifier,
-        layer=args.layer,
-        beta=args.beta,
-        steps=args.steps,
-        copies=args.copies,
-        seed=args.seed,
-        precision=args.precision,
-        compile=args.compile,
-    )
-    try:
-        with_cached_statistics(attributor, statistics_source(args), args.cache)
-    except MissingStatisticsData as error:
-        raise SystemExit(f"error: {error}") from None
-    return attributor
 
 
 def classifier_of(args: argparse.Namespace) -> Classifier:
@@ -91,28 +65,39 @@ def classifier_of(args: argparse.Namespace) -> Classifier:
     )
 
 
-def readout(args: argparse.Namespace) -> BottleneckAttributor:
-    if not args.checkpoint:
-        raise SystemExit("error: --method readout needs --checkpoint DIR (a bundle written by readout.fit)")
-    return load(args.checkpoint, device=args.device, allow_import=args.allow_import)
+def build_attributor(args: argparse.Namespace) -> BottleneckAttributor | RelevanceIBA:
+    """The ``--method``'s attributor from the evaluation's method registry
+    (:data:`readout.evaluation.methods.METHODS`), with the options its flags give.
 
-
-def relevance_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The Relevance-IBA options given on the command line (None: the classifier's default)."""
-    return {
-        "composite": args.composite,
-        "canonizer": args.canonizer,
-        "injection": args.injection,
-        "mask_dead": args.mask_dead,
-    }
-
-
-def relevance_per_sample(args: argparse.Namespace) -> RelevanceIBA:
-    return RelevanceIBA(per_sample(args), **relevance_options(args))
-
-
-def relevance_readout(args: argparse.Namespace) -> RelevanceIBA:
-    return RelevanceIBA(readout(args), **relevance_options(args))
+    Readout methods run on the classifier the bundle names; the others on ``--classifier``, whose
+    μ/σ come from the statistics cache (:mod:`readout.statistics_cache`) or are estimated into it.
+    """
+    entry = METHODS[args.method]
+    assert entry.attributor is not None
+    context = MethodContext(
+        statistics_shards=args.estimate_shards,
+        statistics_samples=args.estimate_samples,
+        statistics_cache=args.cache,
+        statistics_images=list(args.estimate_images or []) or None,
+        share=False,
+        device=args.device,
+        allow_import=args.allow_import,
+    )
+    flags = {**vars(args), "bundle": args.checkpoint}
+    accepted = list(inspect.signature(entry.attributor).parameters)[2:]
+    options = {name: flags[name] for name in accepted if flags.get(name) is not None}
+    if entry.bundle_option:
+        if not args.checkpoint:
+            raise SystemExit(
+                f"error: --method {args.method} needs --checkpoint DIR (a bundle written by readout.fit)"
+            )
+        return entry.attributor(None, context, **options)
+    # On the device before estimating: μ/σ over thousands of images should not run on the CPU.
+    classifier = classifier_of(args).to(args.device)
+    try:
+        return entry.attributor(classifier, context, **options)
+    except MissingStatisticsData as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def resolved_relevance_options(attributor: RelevanceIBA) -> dict[str, Any]:
@@ -125,20 +110,13 @@ def resolved_relevance_options(attributor: RelevanceIBA) -> dict[str, Any]:
     }
 
 
-#: --method -> how to build the attributor from the arguments.
-METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "per-sample": per_sample,
-    "readout": readout,
-    "relevance-per-sample": relevance_per_sample,
-    "relevance-readout": relevance_readout,
-}
-#: Methods whose maps are signed (LRP relevance): drawn with a symmetric colour map.
-SIGNED_METHODS = {"relevance-per-sample", "relevance-readout"}
+#: The methods explain runs: those of the registry with an attributor object.
+EXPLAINED = sorted(name for name, entry in METHODS.items() if entry.attributor is not None)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m readout.explain", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=sorted(METHODS), default="per-sample")
+    parser.add_argument("--method", choices=EXPLAINED, default="per-sample")
     parser.add_argument(
         "--classifier",
         default="synthetic-cnn",
@@ -253,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = expand_images(args.images)
-    attributor = METHODS[args.method](args).to(args.device)
+    attributor = build_attributor(args).to(args.device)
     fitted = attributor.base if isinstance(attributor, RelevanceIBA) else attributor  # the bottleneck's own
     classifier = fitted.classifier
     size = classifier.input_size
@@ -286,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 images[i],
                 explanation,
                 i,
-                args.method in SIGNED_METHODS,
+                METHODS[args.method].signed,
                 classifier.classes,
             )
             summary["images"][stem] = {"file": str(file), **record}

@@ -20,11 +20,11 @@ One loss remains under z+ (the convolutions of EpsilonPlusFlat, the default), an
 z+ passes a unit's relevance only along its positive contributions, so a unit without any drops it.
 Where a ReLU follows, such a unit is dead and the rules above give it none, but a ResNet's projection shortcut
 (``downsample``: 1x1 convolution and batch norm) enters the residual sum unrectified, and the sum's
-``Norm`` rule hands it relevance by its signed output. On the shipped synthetic-cnn at block2 that
-moves each map's conservation by up to 0.6% (0.9940-1.0029 over 64 held-out images, the same in
-float64; 1.1% with ``mask_dead``); every other layer, the stem's zero padding included, keeps it to
-3e-4. ``EpsilonPlusFlatZPlusFallback`` (:class:`ZPlusFallback`) passes that relevance along the
-negative contributions instead and conserves to 4e-4, with maps otherwise the same.
+``Norm`` rule hands it relevance by its signed output, so single maps stray from exact conservation
+behind such a shortcut (every other layer, the stem's zero padding included, conserves).
+``EpsilonPlusFlatZPlusFallback`` (:class:`ZPlusFallback`) passes that relevance along the negative
+contributions instead and conserves, with maps otherwise the same. The measured per-image figures:
+docs/relevance.md.
 
 Every composite also gives LayerNorm zennit's ``Pass`` (as batch norm without a convolution before
 it gets): the relevance passes it unchanged. A module that no rule handles (one that owns parameters
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from zennit.types import Convolution
 
 from readout.canonizers import PASS_TYPES, canonizers_for, unsupported_modules
-from readout.classifier import out_of_place
+from readout.classifier import Classifier, LrpDefaults, out_of_place
 
 #: Parameters the rules treat as zero while redistributing relevance (never in the forward pass).
 ZERO_PARAMS = ["bias"]
@@ -170,30 +169,16 @@ CANONIZERS: dict[str, Callable[[nn.Module], list[Canonizer]]] = {
 """Canonizers by name, for a model: fresh instances per call (zennit canonizers hold the state they undo)."""
 
 
-@dataclass(frozen=True)
-class LrpDefaults:
-    """The composite and canonizer a classifier gets unless told otherwise."""
-
-    composite: str
-    canonizer: str
-
-
-#: Per classifier name (``Classifier.name``), where chosen by hand; every other model gets AUTO.
-DEFAULTS: dict[str, LrpDefaults] = {
-    "resnet50": LrpDefaults("EpsilonPlusFlat", "resnet"),
-    "synthetic-cnn": LrpDefaults("EpsilonPlusFlat", "resnet"),
-    "vgg16": LrpDefaults("EpsilonPlusFlat", "vgg"),
-}
-
 #: Any other model: canonizers from its module types, and z+ with the fallback for the relevance z+
 #: would drop at units without positive contributions (which unrectified residual branches and the
 #: linear bottlenecks of inverted residuals have).
 AUTO = LrpDefaults("EpsilonPlusFlatZPlusFallback", "auto")
 
 
-def lrp_defaults(classifier_name: str) -> LrpDefaults:
-    """The hand-chosen defaults of a registry classifier, else :data:`AUTO`."""
-    return DEFAULTS.get(classifier_name, AUTO)
+def lrp_defaults(classifier: Classifier) -> LrpDefaults:
+    """The classifier's own LRP rules where the registry chose them by hand
+    (``classifier.chosen_lrp``, :mod:`readout.backbones`), else :data:`AUTO`."""
+    return classifier.chosen_lrp or AUTO
 
 
 def make_composite(

@@ -1,17 +1,19 @@
-"""Pictures of heatmaps: overlays with a colour bar in bits, and grids for TensorBoard and reports."""
+"""Pictures of heatmaps: overlays with a colour bar in bits, and grids for TensorBoard and reports.
+
+Figures are matplotlib's ``Figure`` objects, saved by its Agg canvas, never pyplot's: drawing one
+neither switches the caller's backend (a notebook's stays as it was) nor registers a global figure.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,9 @@ def colour_scale(heatmap: np.ndarray, symmetric: bool) -> ColourScale:
 
 
 def _draw_pair(
-    figure: plt.Figure,
-    left: plt.Axes,
-    right: plt.Axes,
+    figure: Figure,
+    left: Axes,
+    right: Axes,
     image: torch.Tensor,
     heatmap: torch.Tensor,
     symmetric: bool,
@@ -66,13 +68,13 @@ def save_heatmap_png(
     Signed maps (Relevance-IBA) use a symmetric diverging colour map centred on zero. Returns the
     colour scale drawn.
     """
-    figure, (left, right) = plt.subplots(1, 2, figsize=(7, 3.2))
+    figure = Figure(figsize=(7, 3.2))
+    left, right = figure.subplots(1, 2)
     scale = _draw_pair(figure, left, right, image, heatmap, symmetric, unit)
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return scale
 
 
@@ -89,7 +91,8 @@ def save_heatmap_sheet(
     each with its own colour bar and title: images (B, 3, H, W), heatmaps (B, H, W)."""
     count = len(images)
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, 2 * columns, figsize=(7 * columns, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(7 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, 2 * columns, squeeze=False)
     for i in range(rows * columns):
         left, right = axes[i // columns, 2 * (i % columns)], axes[i // columns, 2 * (i % columns) + 1]
         if i >= count:
@@ -100,7 +103,6 @@ def save_heatmap_sheet(
         left.set_title(titles[i], fontsize=9, loc="left")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, symmetric: bool = False) -> torch.Tensor:

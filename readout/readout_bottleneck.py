@@ -2,22 +2,27 @@
 
 A first pass collects the readout taps (and the activation at the bottleneck) without gradients;
 the readout network predicts α from them; the bottleneck measures the information that α lets
-through. Training (readout.lit) adds a second pass that runs only the layers after the bottleneck on
-the noisy activation; inference needs no second pass at all.
+through. Training adds a second pass that runs only the layers after the bottleneck on the noisy
+activation (:func:`readout_loss`, called by readout.training.module and the bench); inference needs
+no second pass at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from readout.attributor import BottleneckAttributor, Explanation, checked_target
+from readout.attributor import BottleneckAttributor, Explanation
 from readout.bottleneck import LN2, FeatureStatistics, information_map
 from readout.classifier import Classifier, as_classifier
 from readout.readout_net import ReadoutNet
 from readout.taps import FeatureTaps
+from readout.targets import checked_target
 
 
 class ReadoutBottleneck(BottleneckAttributor):
@@ -112,3 +117,75 @@ class ReadoutBottleneck(BottleneckAttributor):
         _, features, readout = self.first_pass(images)
         kl = self.bottleneck.information(features, self.alpha(readout))
         return information_map(kl, tuple(images.shape[-2:]))
+
+
+@dataclass(frozen=True)
+class ReadoutLoss:
+    """The training loss of a readout on one batch and what it was made of."""
+
+    loss: torch.Tensor
+    """CE + β/k·mean ΣKL (+ the distillation term): a scalar with the readout net's gradients."""
+    ce: torch.Tensor
+    """Cross-entropy of the classifier after the bottleneck against the labels."""
+    information: torch.Tensor
+    """(B,) nats through the bottleneck per image."""
+    kl: torch.Tensor
+    """(B, C, h, w) the information per element, nats."""
+    logits: torch.Tensor
+    """(B, classes) the classifier without the bottleneck."""
+    logits_bottleneck: torch.Tensor
+    """(B, classes) the classifier with the bottleneck inserted."""
+    distill: torch.Tensor | None = None
+    """The distillation term (:func:`distill_loss`) before its weight, where a teacher was given."""
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """Mean bits per image through the bottleneck."""
+        return self.information.mean() / LN2
+
+
+def readout_loss(
+    attributor: ReadoutBottleneck,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    noise: Callable[[torch.Tensor], torch.Tensor],
+    beta: float,
+    teacher: torch.Tensor | None = None,
+    distill_weight: float = 0.0,
+) -> ReadoutLoss:
+    """The Readout Bottleneck's loss (paper, Sec. 3.2): CE(classifier after the bottleneck, label) +
+    β/k·Σ KL, mean over the batch, with β = ``beta``/k.
+
+    ``noise(features)`` gives the standard normal ε of the bottleneck, shaped as the features (the
+    training module draws it per sample key and step, so that it does not depend on ranks or batch
+    positions). ``teacher`` (B, 1, H, W): Per-Sample maps over the same crops; with ``distill_weight``
+    > 0 the loss adds that weight times :func:`distill_loss`.
+    """
+    logits, features, readout = attributor.first_pass(images)
+    alpha = attributor.alpha(readout)
+    z, kl = attributor.bottleneck(features, alpha, noise(features))
+    logits_bottleneck = attributor.logits_after(z, images)
+    ce = F.cross_entropy(logits_bottleneck, labels)
+    information = kl.flatten(1).sum(1)
+    loss = ce + beta / attributor.k * information.mean()
+    distill = None
+    if distill_weight and teacher is not None:
+        distill = distill_loss(kl, teacher)
+        loss = loss + distill_weight * distill
+    return ReadoutLoss(loss, ce, information, kl, logits, logits_bottleneck, distill)
+
+
+def distill_loss(kl: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """KL(teacher ‖ readout) between where two maps place their information, mean over the batch.
+
+    ``kl``: the readout's information (B, C, h, w); ``teacher``: the Per-Sample maps (B, 1, H, W)
+    over the same crops, averaged down to (h, w). Each map, summed over channels, is made a
+    distribution over the h·w locations, so the term shapes *where* the information goes and
+    leaves *how much* to CE + β·KL. Zero when the readout's map is the teacher's up to scale.
+    """
+    grid = (int(kl.shape[-2]), int(kl.shape[-1]))
+    target = F.adaptive_avg_pool2d(teacher.float(), grid).flatten(1).clamp_min(0) + eps
+    target = target / target.sum(1, keepdim=True)
+    student = kl.sum(1).flatten(1).clamp_min(0) + eps
+    log_student = student.log() - student.sum(1, keepdim=True).log()
+    return (target * (target.log() - log_student)).sum(1).mean()

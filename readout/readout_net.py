@@ -11,9 +11,9 @@ broadcast of the logits, which act on each channel alone: they commute. :meth:`R
 therefore applies each tap's block of the first convolution to that tap at the smaller of its own and
 the bottleneck's resolution, then resizes and sums: the same α up to rounding (a test checks it), with
 the first layer about ten times cheaper for resnet50 (3.6 GMAC). The resized maps are channels_last
-and summed in place: on the CPU the bilinear kernel is about 8x faster on channels_last maps of
-thousands of channels than on contiguous ones, which had made the resize, not the convolutions, most
-of the readout's time.
+and summed in place: the CPU's bilinear kernel is many times faster on channels_last maps of
+thousands of channels than on contiguous ones, on which the resize, not the convolutions, had been
+most of the readout's time (``python -m readout.bench readout``).
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class ReadoutNet(nn.Module):
             if x.dim() == 2:
                 vectors = vectors + x @ block.T
                 continue
-            # channels_last: the CPU's bilinear kernel is about 8x faster on it for maps of
-            # thousands of channels (python -m readout.bench readout), and GPUs prefer it for convolutions
+            # channels_last: the CPU's bilinear kernel is much faster on it for maps of thousands of
+            # channels (see the module docstring), and GPUs prefer it for convolutions
             x = x.contiguous(memory_format=torch.channels_last)
             if x.shape[-2] * x.shape[-1] > size[0] * size[1]:
                 x = _resize(x, size)  # a larger map: resize first, then the cheaper convolution

@@ -8,9 +8,8 @@ input, layer by layer (:mod:`readout.lrp`), on the clean image: no noise below t
 The heatmap is the input relevance summed over colour channels, (B, H, W), in bits per pixel and
 signed (rules such as alpha-beta give negative relevance). When the rules conserve relevance, each map
 sums to the relevance injected; ``conservation`` reports the ratio. Under the default EpsilonPlusFlat it
-is not exact behind a ResNet's projection shortcut, where z+ drops relevance (:mod:`readout.lrp`): on
-the shipped synthetic-cnn at block2 it is 0.994-1.003 per image (mean 0.9999, 64 held-out images);
-``composite="EpsilonPlusFlatZPlusFallback"`` keeps it within 4e-4 of 1.
+is not exact behind a ResNet's projection shortcut, where z+ drops relevance (:mod:`readout.lrp`);
+``composite="EpsilonPlusFlatZPlusFallback"`` keeps it at 1 up to rounding (figures: docs/relevance.md).
 
 Injections (``INJECTIONS``), (B, C, h, w) bits:
 
@@ -126,7 +125,7 @@ class RelevanceIBA(nn.Module):
             raise ValueError(f"unknown injection {injection!r}; valid: {', '.join(INJECTIONS)}")
         classifier = base.classifier
         if composite is None or canonizer is None:
-            defaults = lrp_defaults(classifier.name)  # hand-chosen for the registry's, else AUTO
+            defaults = lrp_defaults(classifier)  # hand-chosen for the registry's, else AUTO
             composite = composite or defaults.composite
             canonizer = canonizer or defaults.canonizer
         self.base = base

@@ -20,9 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from readout.atomic import atomic_write
 from readout.attributor import BottleneckAttributor
-from readout.checkpointing import atomic_write
-from readout.export import classifier_fingerprint
+from readout.bundle import classifier_fingerprint
 from readout.images import BadImage, expand_images, load_image
 
 DEFAULT_CACHE = Path.home() / ".cache" / "readout" / "statistics"

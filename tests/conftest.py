@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import readout.precision
 from readout.data.synthetic import write_shards
@@ -28,6 +31,52 @@ def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """``precision="auto"`` resolves to fp32 in every test, on every machine: the tests that compare
     with references hold on a CPU with native bf16 too. Tests of bf16 ask for it by name."""
     monkeypatch.setattr(readout.precision, "native_bf16", lambda device: False)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tiny runs of readout.fit (helpers.fit_args): the fault tests ask for one_thread in their pytestmark
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tests share two cores with others: two threads per process at 64 px are ~20x slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 shards of 8 synthetic 64-px images."""
+    out = tmp_path_factory.mktemp("reliability") / "shards"
+    write_shards(out, n=24, size=64, seed=0, shard_size=8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``fit_args`` on ``shards`` run through, outside SLURM, on one thread: what an interrupted and
+    resumed run must end with."""
+    # imported here: helpers and readout.fit bring in Lightning (~1.5 s), which most test files never need
+    from helpers import fit_args
+
+    from readout.training.fit import main as fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("SLURM_")]:
+            patch.delenv(key)
+        cli = fit(fit_args(shards, tmp_path_factory.mktemp("uninterrupted") / "run"))
+    torch.set_num_threads(threads)
+    return cli
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from readout.backbones import PAPER_DEFAULTS, entry, load_classifier, load_saved
 from readout.classifier import Classifier, tap_info
 from readout.resources import checkpoint_dir
 from readout.taps import tap_module
-from readout.train_classifier import evaluate
+from readout.tools.train_classifier import evaluate
 
 
 def test_an_unknown_classifier_name_says_what_names_are() -> None:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from readout.bench import build_parser, main, write_stored_sizes
 from readout.data.shards import make_loader
 from readout.data.transforms import eval_transform
-from readout.lit import ReadoutModule
+from readout.readout_bottleneck import readout_loss
+from readout.tools.bench import readout as bench_readout
+from readout.tools.bench.cli import build_parser, main
+from readout.tools.bench.data import write_stored_sizes
 
 
 def sane(rates: dict[str, float]) -> bool:
@@ -52,15 +54,15 @@ def test_relevance_bench_gives_the_conservation_of_both_precisions(tmp_path):
 
 
 def count_training_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the calls of the product's ``ReadoutModule.training_step`` (one entry per call)."""
+    """Counts the bench's calls of the product's loss, ``readout_loss`` (one entry per call: its batch
+    size), the function ``ReadoutModule.training_step`` computes its loss with."""
     calls: list[int] = []
-    training_step = ReadoutModule.training_step
 
-    def counting(self, batch, batch_idx):
-        calls.append(len(batch["label"]))
-        return training_step(self, batch, batch_idx)
+    def counting(attributor, images, *args, **kwargs):
+        calls.append(len(images))
+        return readout_loss(attributor, images, *args, **kwargs)
 
-    monkeypatch.setattr(ReadoutModule, "training_step", counting)
+    monkeypatch.setattr(bench_readout, "readout_loss", counting)
     return calls
 
 
@@ -79,7 +81,7 @@ def test_readout_bench_compares_with_the_plain_classifier(tmp_path, monkeypatch)
     assert list(training["rates"]) == ["plain training step", *variants] and sane(training["rates"])
     assert list(inference["rates"]) == ["plain inference", "readout heatmaps"] and sane(inference["rates"])
     assert training["mib_per_image"] == dict.fromkeys(training["rates"])  # no CUDA, no memory figure
-    # the readout variants time the product's own training_step: warm-up + 1 repeat each, batch 2
+    # the readout variants time the product's own loss: warm-up + 1 repeat each, batch 2
     assert calls == [2] * (2 * len(variants))
 
 

@@ -3,9 +3,9 @@ import json
 import torch
 
 from readout.backbones import load_classifier
-from readout.compare_relevance import Setting, main, readouts_of
-from readout.export import export_bundle
+from readout.bundle import export_bundle
 from readout.readout_bottleneck import ReadoutBottleneck
+from readout.tools.compare_relevance import Setting, main, readouts_of
 
 
 def test_command_writes_table_and_figure(tmp_path):

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from readout.bundle import load
 from readout.data.synthetic import write_shards
-from readout.export import load
-from readout.fit import main as fit
+from readout.training.fit import main as fit
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from helpers import tiny_config, write_config
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
-from test_fit import tiny_config, write_config
 from torch.utils.data import DataLoader, default_collate
 
 import readout.data.format as data_format
@@ -23,8 +23,8 @@ from readout.data.resume import ResumableShards, ResumedLoader
 from readout.data.shards import CorruptSampleWarning, ShardDataset
 from readout.data.synthetic import generate, to_record
 from readout.data.transforms import train_transform, transform_sample
-from readout.datamodule import ReadoutDataModule, auto_workers
-from readout.fit import main as fit
+from readout.training.datamodule import ReadoutDataModule, auto_workers
+from readout.training.fit import main as fit
 
 BATCH, BATCHES = 4, 6
 

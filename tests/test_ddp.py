@@ -22,15 +22,15 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from helpers import REPO, ddp_env, resnet50_args, tiny_config, write_config
 from pytorch_lightning.strategies import DDPStrategy
-from test_fit import REPO, clean_env, resnet50_args, tiny_config, write_config
 from torch.utils.data import DataLoader, DistributedSampler
 
 from readout.data.shards import make_loader
 from readout.data.synthetic import write_shards
 from readout.data.transforms import eval_transform
-from readout.datamodule import ReadoutDataModule
-from readout.lit import ReadoutModule
+from readout.training.datamodule import ReadoutDataModule
+from readout.training.module import ReadoutModule
 
 STEPS, GLOBAL_BATCH, SAMPLES = 4, 8, 16
 
@@ -88,15 +88,6 @@ def train(devices: int, shards: Path) -> tuple[ReadoutModule, pl.Trainer, list[f
     )
     trainer.fit(module, datamodule=data)
     return module, trainer, losses.losses
-
-
-def ddp_env() -> dict[str, str]:
-    """No SLURM and no torchrun variables (Lightning then picks a free port), one thread per process."""
-    env = clean_env()
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
-        env.pop(key, None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.fixture(scope="module")

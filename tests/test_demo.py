@@ -4,7 +4,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from readout.demo import held_out_report
+from readout.tools.demo import held_out_report
 
 BUNDLE = Path(__file__).parents[1] / "checkpoints" / "readout-demo"
 
@@ -23,7 +23,7 @@ def test_held_out_report_scores_the_bundle_and_draws_the_readme_picture(tmp_path
 
 
 def test_the_tensorboard_hint_follows_a_run_dir_override():
-    from readout.demo import run_dir
+    from readout.tools.demo import run_dir
 
     assert run_dir([]) == "runs/demo"
     assert run_dir(["--run_dir=runs/r18/fit", "--model.beta=3"]) == "runs/r18/fit"

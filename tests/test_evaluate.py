@@ -10,15 +10,10 @@ import pytest
 import torch
 
 from readout.backbones import load_classifier, save_classifier
-from readout.evaluate import (
-    Evaluation,
-    compute_results,
-    ensure_synthetic,
-    in_subset,
-    main,
-    parse_config,
-    resolve_baseline,
-)
+from readout.evaluation.cli import main, parse_config
+from readout.evaluation.config import resolve_baseline
+from readout.evaluation.results import compute_results
+from readout.evaluation.runner import Evaluation, ensure_synthetic, in_subset
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml"))
 #: The benchmark tables; the other shipped config records how the per-sample layer was chosen.

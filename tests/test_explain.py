@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from readout import explain
 from readout.backbones import load_classifier, save_classifier
+from readout.bundle import load
 from readout.data.synthetic import synthetic_batch, write_shards
 from readout.explain import main
-from readout.export import load
 from readout.images import BadImage, load_image
 from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png

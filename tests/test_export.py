@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from readout.backbones import load_classifier
+from readout.bundle import CONFIG_FILE, WEIGHTS_FILE, export_bundle, load
 from readout.data.synthetic import synthetic_batch
-from readout.export import CONFIG_FILE, WEIGHTS_FILE, export_bundle, load
 from readout.readout_bottleneck import ReadoutBottleneck
 from readout.resources import checkpoint_dir
 from readout.taps import hook_count

@@ -1,7 +1,7 @@
 """readout.fit: the run directory, ``--ckpt_path last`` and an exact resume.
 
-``tiny_config`` and ``clean_env`` are shared with test_slurm.py and test_ddp.py: a run of a random-init
-synthetic-cnn on 64-px shards that takes a few seconds.
+``tiny_config`` (helpers.py): a run of a random-init synthetic-cnn on 64-px shards that takes a few
+seconds.
 """
 
 from __future__ import annotations
@@ -17,81 +17,15 @@ import fsspec
 import pytest
 import torch
 import yaml
+from helpers import REPO, assert_same_readout_weights, resnet50_args, tiny_config, write_config
 from jsonargparse import ArgumentParser, dict_to_namespace
 
 from readout.data.synthetic import write_shards
-from readout.datamodule import ReadoutDataModule
-from readout.fit import checkpoint_to_resume, move_run, resolve_checkpoint, resume_candidates
-from readout.fit import main as fit
-from readout.lit import ReadoutModule
 from readout.readout_bottleneck import ReadoutBottleneck
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(shards: Path, **trainer: object) -> dict:
-    """A readout.fit config for a few-second CPU run; its paths lie under runs/tiny, relative."""
-    return {
-        "seed_everything": 0,
-        "model": {
-            "classifier": "synthetic-cnn",
-            "weights": None,
-            "beta": 1.0,
-            "lr": 1e-3,
-            "estimate_samples": 8,
-            "heatmap_every_n_steps": 0,
-        },
-        "data": {
-            "train_shards": str(shards),
-            "batch_size": 4,
-            "num_workers": 0,
-            "image_size": 64,
-            "resize": 64,
-            "batches_per_epoch": 4,
-            "shuffle_buffer": 8,
-            "pin_memory": False,
-        },
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 6,
-            "log_every_n_steps": 1,
-            "enable_model_summary": False,
-            "enable_progress_bar": False,
-            "default_root_dir": "runs/tiny",
-            "logger": {
-                "class_path": "pytorch_lightning.loggers.CSVLogger",
-                "init_args": {"save_dir": "runs/tiny", "name": "csv", "version": ""},
-            },
-            "callbacks": [
-                {
-                    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": "runs/tiny/checkpoints",
-                        "save_last": True,
-                        "every_n_train_steps": 3,
-                    },
-                }
-            ],
-            **trainer,
-        },
-    }
-
-
-def write_config(path: Path, config: dict) -> Path:
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def clean_env() -> dict[str, str]:
-    """os.environ without SLURM's variables: tests that are not about SLURM may run inside a job."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-
-
-@pytest.fixture
-def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
+from readout.training.datamodule import ReadoutDataModule
+from readout.training.fit import checkpoint_to_resume, move_run, resolve_checkpoint, resume_candidates
+from readout.training.fit import main as fit
+from readout.training.module import ReadoutModule
 
 
 @pytest.fixture(scope="module")
@@ -212,13 +146,6 @@ def test_validation_can_be_turned_off_from_the_command_line(shards64):
 # Resuming
 
 
-def assert_same_readout_weights(cli, reference) -> None:
-    """The readout net of run ``cli`` equals that of run ``reference`` (to 1e-6, absolute)."""
-    expected = reference.model.attributor.net.state_dict()
-    for key, value in cli.model.attributor.net.state_dict().items():
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(shards64, tmp_path_factory):
     """6 steps in one run (4 batches per epoch): the reference of the resume tests."""
@@ -301,30 +228,6 @@ def test_resnet50_config_trains_on_224_px_on_cpu(tmp_path, monkeypatch, no_slurm
     cli = fit(resnet50_args(tmp_path / "shards", tmp_path / "run"))
     assert cli.trainer.global_step == 1
     assert (tmp_path / "run" / "export" / "readout.json").is_file()
-
-
-def resnet50_args(shards: Path, run_dir: Path, devices: int = 1) -> list[str]:
-    """configs/resnet50.yaml with random weights on ``shards``: one step of one image per process."""
-    return [
-        "--config", str(REPO / "configs" / "resnet50.yaml"),
-        "--model.weights", "null",
-        "--model.estimate_samples", str(devices),
-        "--model.heatmap_every_n_steps", "0",
-        "--data.train_shards", str(shards),
-        "--data.val_shards", str(shards),
-        "--data.batch_size", "1",
-        "--data.num_workers", "0",
-        "--data.batches_per_epoch", "1",
-        "--data.pin_memory", "false",
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", str(devices),
-        "--trainer.precision", "32-true",  # bf16 on a CPU without bf16 units: ~50x slower than fp32
-        "--trainer.max_steps", "1",
-        "--trainer.limit_val_batches", "0",
-        "--trainer.val_check_interval", "null",
-        "--trainer.enable_progress_bar", "false",
-        "--run_dir", str(run_dir),
-    ]  # fmt: skip
 
 
 def test_a_run_does_not_warn_that_the_frozen_classifier_is_in_eval_mode(shards64, tmp_path, no_slurm):

@@ -13,10 +13,10 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import readout
 from readout.classifier import Classifier
-from readout.export import export_module
 from readout.graph_nodes import with_node_taps
-from readout.lit import ReadoutModule
 from readout.taps import FeatureTaps, hook_count
+from readout.training.export import export_module
+from readout.training.module import ReadoutModule
 
 
 def resnet() -> nn.Module:

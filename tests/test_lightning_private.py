@@ -2,11 +2,11 @@
 one fails here, loudly, instead of breaking a cluster run silently. pyproject pins the range
 (pytorch-lightning < 2.7) in which these hold; widen it only with this file passing.
 
-- ``Trainer._accelerator_connector.cluster_environment``: readout.faults.Preemption turns the SLURM
+- ``Trainer._accelerator_connector.cluster_environment``: readout.training.faults.Preemption turns the SLURM
   environment's ``auto_requeue`` off there, so that Lightning installs no SLURM handler of its own.
 - ``lightning_fabric...subprocess_script._ChildProcessObserver._terminate_all`` and its
-  ``_child_processes``: readout.faults.explain_observer_kills wraps it to say why the job ends.
-- ``DDPStrategy._timeout``: named in readout.faults.peer_failure_message.
+  ``_child_processes``: readout.training.faults.explain_observer_kills wraps it to say why the job ends.
+- ``DDPStrategy._timeout``: named in readout.training.faults.peer_failure_message.
 - ``lightning_fabric.utilities.types._Stateful``: the protocol that makes Lightning treat
   readout.data.resume.TrainLoader as resumable (no warning on every resume).
 """

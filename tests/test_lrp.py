@@ -1,12 +1,12 @@
 import pytest
 import torch
+from helpers import randomised_classifier
 from torch import nn
 from zennit.attribution import Gradient
 from zennit.composites import LayerMapComposite
 from zennit.rules import ZPlus
 from zennit.types import Convolution
 
-from readout.backbones import load_classifier
 from readout.classifier import Classifier
 from readout.lrp import (
     COMPOSITES,
@@ -17,19 +17,6 @@ from readout.lrp import (
     make_composite,
 )
 from readout.taps import FeatureTaps, hook_count
-
-
-def randomised_classifier(seed: int = 0, name: str = "synthetic-cnn") -> Classifier:
-    """A random classifier whose batch norms are not the identity, so that merging them matters."""
-    torch.manual_seed(seed)
-    classifier = load_classifier(name, weights=None)
-    for module in classifier.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.3, 0.3)
-    return classifier
 
 
 def propagator_for(classifier: Classifier, layer: str = "block1", **names: str) -> RelevancePropagator:
@@ -217,7 +204,7 @@ def conservation(
 ) -> float:
     """Input relevance / relevance put at ``layer`` (uniform random, positive) for one 64 px image,
     under, unless given, the classifier's default composite and canonizer."""
-    defaults = lrp_defaults(classifier.name)
+    defaults = lrp_defaults(classifier)
     propagator = propagator_for(
         classifier,
         layer,
@@ -231,7 +218,7 @@ def conservation(
 
 
 def test_resnet50_conserves_relevance_at_conv3_4_with_its_defaults(resnet50):
-    assert lrp_defaults("resnet50").canonizer == "resnet"
+    assert lrp_defaults(resnet50).canonizer == "resnet"
     assert conservation(resnet50, "conv3_4") == pytest.approx(1.0, abs=1e-3)
 
 

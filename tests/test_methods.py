@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from readout.backbones import load_classifier, save_classifier
+from readout.bundle import export_bundle
 from readout.data.synthetic import synthetic_batch
-from readout.export import export_bundle
-from readout.methods import (
-    METHODS,
-    MethodContext,
-    MethodSpec,
-    build_method,
-    method_entry,
-    reduce_channels,
-)
+from readout.evaluation.context import MethodContext, MethodSpec, reduce_channels
+from readout.evaluation.methods import METHODS, build_method, method_entry
+from readout.explain import EXPLAINED
 from readout.readout_bottleneck import ReadoutBottleneck
 from readout.taps import hook_count
 
@@ -141,3 +138,24 @@ def test_bad_rows_name_themselves():
         method_entry(MethodSpec("x", "nope"))
     with pytest.raises(TypeError, match="row 'y'.*no option.*'betta'"):
         method_entry(MethodSpec("y", "per-sample", {"betta": 1}))
+
+
+def test_the_attributor_of_a_method_takes_the_options_of_its_row():
+    """One registry: ``readout.explain`` builds the same four methods from the same options as rows."""
+    with_attributor = {name: entry for name, entry in METHODS.items() if entry.attributor is not None}
+    assert (
+        sorted(with_attributor)
+        == EXPLAINED
+        == [
+            "per-sample",
+            "readout",
+            "relevance-per-sample",
+            "relevance-readout",
+        ]
+    )
+    for name, entry in with_attributor.items():
+        row = inspect.signature(entry.build).parameters
+        made = inspect.signature(entry.attributor).parameters
+        assert [(p.name, p.default) for p in list(row.values())[2:]] == [
+            (p.name, p.default) for p in list(made.values())[2:]
+        ], name

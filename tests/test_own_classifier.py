@@ -174,7 +174,7 @@ def test_a_bundle_cannot_smuggle_an_import_path_in_its_classifier_name(tmp_path:
 
 
 def test_export_of_a_checkpoint_naming_an_import_path_needs_allow_import(tmp_path: Path) -> None:
-    from readout.export import export_checkpoint
+    from readout.training.export import export_checkpoint
 
     path = tmp_path / "foreign.ckpt"
     torch.save({"hyper_parameters": {"classifier": "os:system"}, "state_dict": {}}, path)

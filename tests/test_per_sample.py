@@ -7,7 +7,7 @@ from torch import nn
 
 from readout.backbones import load_classifier
 from readout.per_sample import PerSample
-from readout.reference import straightforward_heatmaps
+from readout.tools.reference import straightforward_heatmaps
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_noise_is_drawn_on_the_device_the_attributor_was_moved_to():
 
 
 def test_reseeding_the_generator_repeats_the_noise(attributor):
-    # Evaluations reseed ``attributor.generator`` per batch (readout.methods.SharedExplanation).
+    # Evaluations reseed ``attributor.generator`` per batch (readout.evaluation.methods.SharedExplanation).
     assert attributor.generator is not None
     attributor.generator.manual_seed(3)
     first = attributor.draw_noise(1, torch.zeros(1))

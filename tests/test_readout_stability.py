@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fit import no_slurm, tiny_config, write_config  # noqa: F401 (no_slurm: a fixture)
+from helpers import tiny_config, write_config
 
 from readout.data.synthetic import synthetic_batch, write_shards
-from readout.fit import main as fit
 from readout.metrics.localisation import localisation_scores
+from readout.training.fit import main as fit
 
 #: The validation seed of the demo (configs/demo.yaml); never a held-out evaluation seed.
 VALIDATION_SEED = 11

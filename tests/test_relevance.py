@@ -2,12 +2,12 @@ import copy
 
 import pytest
 import torch
-from test_lrp import randomised_classifier
+from helpers import randomised_classifier
 
 from readout.attributor import BottleneckAttributor, Explanation
 from readout.bottleneck import information_map
+from readout.bundle import load
 from readout.data.synthetic import synthetic_batch
-from readout.export import load
 from readout.per_sample import PerSample
 from readout.relevance import RelevanceIBA, relevance_attributor
 from readout.resources import checkpoint_dir

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import test_reliability as shared
 import torch
-from test_reliability import fit_args
-from test_slurm import FAKE_SLURM
+from helpers import FAKE_SLURM, fit_args
 
-from readout.faults import (
+from readout.training.faults import (
     REQUEUE_LOG,
     Preemption,
     no_progress,
@@ -22,9 +20,9 @@ from readout.faults import (
     read_requeues,
     record_requeue,
 )
-from readout.fit import main as fit
+from readout.training.fit import main as fit
 
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_only_the_newest_signal_checkpoints_are_kept(tmp_path):
@@ -92,7 +90,7 @@ def test_a_run_preempted_twice_keeps_only_the_newest_signal_checkpoints(shards, 
 
     def signalled_at(step: int) -> list[str]:
         at = {
-            "class_path": "test_reliability_preemption.SignalAt",
+            "class_path": "helpers.SignalAt",
             "init_args": {"signal_name": "SIGTERM", "at": step},
         }
         return [

@@ -15,18 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_reliability as shared
 import torch
-from test_fit import REPO, assert_same_readout_weights, clean_env
-from test_reliability import fit_args
-from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
-from test_slurm import FAKE_SLURM, JOB_ID, slurm_env
+from helpers import FAKE_SLURM, JOB_ID, REPO, assert_same_readout_weights, clean_env, fit_args, slurm_env
 
-from readout.datamodule import ReadoutDataModule
-from readout.faults import REQUEUE_LOG, read_requeues
-from readout.fit import main as fit
+from readout.training.datamodule import ReadoutDataModule
+from readout.training.faults import REQUEUE_LOG, read_requeues
+from readout.training.fit import main as fit
 
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -109,7 +105,7 @@ def signal_at_estimate_batch(monkeypatch: pytest.MonkeyPatch, signum: int, at: i
     "SIGTERM", "μ/σ estimate", "the estimate keeps its part; the next run estimates only the rest"
 )
 def test_a_signal_in_the_estimate_keeps_its_part_and_the_next_run_goes_on_from_it(
-    uninterrupted,  # noqa: F811
+    uninterrupted,
     shards,
     tmp_path,
     monkeypatch,

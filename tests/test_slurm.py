@@ -2,10 +2,10 @@
 variables, with a fake ``srun`` (runs its arguments) and a fake ``scontrol`` (records the requeue).
 
 The requeue test plays what SLURM does near the time limit: SIGUSR1 to the task (and its data loader
-worker) in the middle of a step. readout.faults.Preemption finishes the step, saves ``hpc_ckpt_1.ckpt``,
-calls ``scontrol requeue`` and exits 0; Lightning's own SLURM handler (a save inside the signal
-handler) must not act. The requeued job runs the same script again, which must resume from that
-checkpoint.
+worker) in the middle of a step. readout.training.faults.Preemption finishes the step, saves
+``hpc_ckpt_1.ckpt``, calls ``scontrol requeue`` and exits 0; Lightning's own SLURM handler (a save
+inside the signal handler) must not act. The requeued job runs the same script again, which must resume
+from that checkpoint.
 """
 
 from __future__ import annotations
@@ -15,21 +15,25 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from test_fit import REPO, clean_env, tiny_config, write_config
+from helpers import (
+    FAKE_SLURM,
+    JOB_ID,
+    SCRIPT,
+    slurm_env,
+    step_processes,
+    tiny_config,
+    wait_for,
+    write_config,
+)
 
 from readout.data.synthetic import write_shards
-from readout.datamodule import check_workers
-from readout.faults import requeue_slurm_job
-
-SCRIPT = REPO / "slurm" / "train_readout.sh"
-FAKE_SLURM = REPO / "tests" / "fake_slurm"
-JOB_ID = "4242"
+from readout.training.datamodule import check_workers
+from readout.training.faults import requeue_slurm_job
 
 
 def test_script_is_valid_bash():
@@ -81,61 +85,11 @@ def test_loader_workers_must_leave_the_rank_a_core_of_cpus_per_task():
         check_workers(8, {"SLURM_CPUS_PER_TASK": "8"})
 
 
-def slurm_env(run_dir: Path, config: Path, requeue_log: Path) -> dict[str, str]:
-    """One task of job 4242 on one node, as srun would set it up."""
-    env = clean_env()
-    env.update(
-        SLURM_JOB_ID=JOB_ID,
-        SLURM_JOB_NAME="readout",  # 'bash' or 'interactive' would turn Lightning's SLURM mode off
-        SLURM_NNODES="1",
-        SLURM_NTASKS="1",
-        SLURM_NTASKS_PER_NODE="1",
-        SLURM_PROCID="0",
-        SLURM_LOCALID="0",
-        SLURM_NODEID="0",
-        SLURM_NODELIST="localhost",
-        SLURM_SUBMIT_DIR=str(REPO),
-        CONFIG=str(config),
-        RUN_DIR=str(run_dir),
-        PYTHON=sys.executable,
-        PATH=f"{FAKE_SLURM}{os.pathsep}{env['PATH']}",
-        PYTHONPATH=str(FAKE_SLURM),  # the Probe callback
-        FAKE_SCONTROL_LOG=str(requeue_log),
-    )
-    return env
-
-
 def start_job(env: dict[str, str], log: Path) -> subprocess.Popen:
     """``sbatch slurm/train_readout.sh --trainer.max_steps 5``: the arguments go on to readout.fit."""
     command = ["bash", str(SCRIPT), "--trainer.max_steps", "5"]
     with log.open("w") as out:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_for(path: Path, job: subprocess.Popen, log: Path, timeout: float = 240) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text():
-            return path.read_text()
-        assert job.poll() is None, f"the job ended before {path.name} appeared:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
-    job.kill()
-    raise AssertionError(f"no {path.name} after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def step_processes(pid: int) -> list[int]:
-    """``pid`` and its descendants (data loader workers): what SLURM signals, unlike the batch shell."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        parents[int(stat.parent.name)] = int(fields[1])
-    found = [pid]
-    for process in found:
-        found += [child for child, parent in parents.items() if parent == process]
-    return found
 
 
 def held_job_setup(tmp_path: Path, config_change: Any = None) -> tuple[dict[str, str], Path, Path, Path]:
@@ -206,7 +160,7 @@ def test_requeue_signal_mid_step_saves_after_the_step_requeues_and_the_job_resum
     assert "estimating μ/σ" not in second, "the requeued run estimated μ/σ again"
     assert [int(s) for s in steps.read_text().split()] == [0, 1, 2, 3, 4]
 
-    # every 2 steps, and again at the end (readout.faults.FinalCheckpoint): the final step's
+    # every 2 steps, and again at the end (readout.training.faults.FinalCheckpoint): the final step's
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 5
     assert all(s["step"] == 5 for s in last["optimizer_states"][0]["state"].values())

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SCRIPT, slurm_env, tiny_config, wait_for, write_config
 from safetensors.torch import load_file
-from test_fit import tiny_config, write_config
-from test_slurm import SCRIPT, slurm_env, wait_for
 
 from readout.data.synthetic import write_shards
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, clean_env, tiny_config, write_config
 from safetensors.torch import load_file
-from test_fit import REPO, clean_env, tiny_config, write_config
 
 from readout.data.synthetic import write_shards
 

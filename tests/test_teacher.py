@@ -8,24 +8,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import fit_with_tensorboard, tiny_config, write_config
 from safetensors.torch import save_file
-from test_fit import tiny_config, write_config
-from test_lit import fit_with_tensorboard
 from torchvision.transforms import v2
 
-import readout.teacher
+import readout.tools.teacher
+import readout.training.teacher
 from readout.data.format import ShardSample
 from readout.data.resume import ResumableShards
 from readout.data.shards import make_loader
 from readout.data.teacher import TeacherMaps
 from readout.data.transforms import train_transform, transform_sample
-from readout.datamodule import ReadoutDataModule
-from readout.fit import main as fit
-from readout.lit import ReadoutModule, distill_loss
+from readout.readout_bottleneck import distill_loss
+from readout.training.datamodule import ReadoutDataModule
+from readout.training.fit import main as fit
+from readout.training.module import ReadoutModule
 
 
 def make_teacher(shards: Path, out: Path, *extra: str) -> Path:
-    readout.teacher.main(
+    readout.tools.teacher.main(
         ["--shards", str(shards), "--layer", "block2", "--out", str(out), "--batch-size", "8",
          "--estimate-samples", "16", "--threads", "1", *extra]
     )  # fmt: skip
@@ -53,7 +54,7 @@ def test_the_teacher_file_holds_a_per_sample_map_for_every_training_sample(teach
 def test_a_teacher_run_stopped_part_way_resumes_to_the_same_file(tiny_shards, tmp_path, monkeypatch):
     whole = TeacherMaps(make_teacher(tiny_shards, tmp_path / "whole.safetensors"))
     calls = {"n": 0}
-    explain = readout.teacher.PerSample.explain
+    explain = readout.training.teacher.PerSample.explain
 
     def stopping(self: Any, *args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
@@ -61,21 +62,21 @@ def test_a_teacher_run_stopped_part_way_resumes_to_the_same_file(tiny_shards, tm
             raise KeyboardInterrupt
         return explain(self, *args, **kwargs)
 
-    monkeypatch.setattr(readout.teacher.PerSample, "explain", stopping)
+    monkeypatch.setattr(readout.training.teacher.PerSample, "explain", stopping)
     out = tmp_path / "resumed.safetensors"
     with pytest.raises(KeyboardInterrupt):
         make_teacher(tiny_shards, out)
     assert not out.exists() and len(list(Path(f"{out}.partial").glob("chunk-*.safetensors"))) == 1
     with pytest.raises(ValueError, match="other settings"):
         make_teacher(tiny_shards, out, "--beta", "1")
-    monkeypatch.setattr(readout.teacher.PerSample, "explain", explain)
+    monkeypatch.setattr(readout.training.teacher.PerSample, "explain", explain)
     resumed = TeacherMaps(make_teacher(tiny_shards, out))
     for key in whole.index:
         np.testing.assert_array_equal(resumed[key], whole[key])
 
 
 def test_teacher_files_are_checked_on_opening(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m readout.teacher"):
+    with pytest.raises(FileNotFoundError, match="python -m readout.tools.teacher"):
         TeacherMaps(tmp_path / "missing.safetensors")
     other = tmp_path / "weights.safetensors"
     save_file({"maps": torch.zeros(2, 4, 4)}, str(other), metadata={"format": "something-else"})

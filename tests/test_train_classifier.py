@@ -12,7 +12,7 @@ import torch
 from readout.backbones import load_classifier
 from readout.data.synthetic import CLASSES
 from readout.resources import checkpoint_dir
-from readout.train_classifier import evaluate, main
+from readout.tools.train_classifier import evaluate, main
 
 
 def test_evaluate_only_measures_the_shipped_classifier(capsys: pytest.CaptureFixture[str]) -> None:
@@ -38,14 +38,14 @@ def test_the_training_cli_writes_weights_and_metadata_that_load(tmp_path: Path) 
     assert meta["source"] == {"builtin": "synthetic-cnn", "num_classes": 6} and meta["input_size"] == 32
     assert meta["classes"] == list(CLASSES)
     assert meta["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-    assert meta["training"]["command"] == "python -m readout.train_classifier " + shlex.join(argv)
+    assert meta["training"]["command"] == "python -m readout.tools.train_classifier " + shlex.join(argv)
     assert meta["training"]["n_train"] == 64 and meta["training"]["seed"] == 0
     evaluation = meta["evaluation"]
     assert evaluation["top1"] == accuracy and 0 <= accuracy <= 1
     assert (evaluation["n"], evaluation["size"]) == (16, 32)
     # The recorded command measures the same number again.
     command = shlex.split(evaluation["command"])
-    assert command[:3] == ["python", "-m", "readout.train_classifier"] and "--evaluate-only" in command
+    assert command[:3] == ["python", "-m", "readout.tools.train_classifier"] and "--evaluate-only" in command
     assert main([*command[3:], "--min-accuracy", "0"]) == accuracy
     loaded = load_classifier(str(out.with_suffix(".safetensors")))
     assert evaluate(loaded, 16, 32, seed=evaluation["seed"]) == accuracy

@@ -60,7 +60,7 @@ def not_jpeg(key: str, url: str, holds: str) -> ValueError:
     return ValueError(
         f"data.decode='device' needs JPEG shards, but sample {key!r} of {url} holds {holds} "
         "(the synthetic set is stored as PNG): use data.decode='cpu', or shards written by "
-        "readout.data.imagenet"
+        "python -m readout.tools.imagenet"
     )
 
 

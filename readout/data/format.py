@@ -171,7 +171,7 @@ def check_sample(raw: dict[str, Any]) -> tuple[int, tuple[int, int]]:
     For passing over samples cheaply (a resumed run skipping what it trained on). It reads the headers
     of the image and the mask, verifies a PNG's chunk checksums and that a JPEG's last scan ends in
     an end-of-image marker, so a file cut short is caught. What it misses: compressed data broken
-    under whole headers, checksums and markers. :mod:`readout.data.imagenet` decodes every file it
+    under whole headers, checksums and markers. :mod:`readout.tools.imagenet` decodes every file it
     writes, so its shards hold no such file.
     """
     where = _where(raw)

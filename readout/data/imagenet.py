@@ -1,6 +1,6 @@
 """ImageNet (ILSVRC2012) to shards, resumable.
 
-``python -m readout.data.imagenet --root DIR --split train|val --out DIR [--resize-shorter 256]
+``python -m readout.tools.imagenet --root DIR --split train|val --out DIR [--resize-shorter 256]
 [--max-shard-bytes 5e8] [--boxes DIR] [--val-labels FILE] [--workers N]``
 
 Layout read: ``ROOT/train/<wnid>/*.JPEG``; ``ROOT/val/<wnid>/*.JPEG`` or a flat ``ROOT/val/*.JPEG`` with a
@@ -30,7 +30,6 @@ what was written before, so a rerun could not skip finished shards).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -50,6 +49,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from readout.atomic import atomic_local_file, atomic_write
 from readout.data.format import MANIFEST_NAME, Box, Manifest, ShardInfo, encode_sample
 
 WNID = re.compile(r"^n\d{8}$")
@@ -333,10 +333,12 @@ class ShardJob:
 def write_shard(job: ShardJob) -> dict[str, Any]:
     """Writes one shard under a temporary name, renames it when complete; returns its progress record."""
     out = Path(job.out)
-    final, temporary = out / job.name, out / f"{job.name}.incomplete"
     per_class: Counter[str] = Counter()
     skipped: list[dict[str, str]] = []
-    with wds.TarWriter(str(temporary), encoder=False, mtime=0) as writer:
+    with (
+        atomic_local_file(out / job.name) as temporary,
+        wds.TarWriter(temporary, encoder=False, mtime=0) as writer,
+    ):
         for file in job.files:
             try:
                 boxes = job.csv_boxes.get(Path(file.path).stem)
@@ -352,10 +354,7 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
         "per_class": dict(per_class),
         "skipped": skipped,
     }
-    os.replace(temporary, final)
-    progress = out / PROGRESS_DIR / f"{job.name}.json"
-    progress.with_suffix(".tmp").write_text(json.dumps(record))
-    os.replace(progress.with_suffix(".tmp"), progress)
+    atomic_write(str(out / PROGRESS_DIR / f"{job.name}.json"), json.dumps(record).encode())
     return record
 
 
@@ -468,50 +467,3 @@ def _manifest(
         skipped=skipped,
         source=source,
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m readout.data.imagenet", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--root", required=True, help="ILSVRC2012 root holding train/ and val/")
-    parser.add_argument("--split", required=True, choices=["train", "val"])
-    parser.add_argument("--out", required=True, help="directory for the shards and manifest.json")
-    parser.add_argument(
-        "--resize-shorter", type=int, default=None, help="store images with this shorter side (px)"
-    )
-    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
-    parser.add_argument("--max-shard-bytes", type=float, default=5e8, help="source bytes per shard at most")
-    parser.add_argument("--max-shard-count", type=int, default=10000, help="images per shard at most")
-    parser.add_argument("--boxes", default=None, help="directory of PASCAL VOC box XMLs")
-    parser.add_argument("--val-labels", default=None, help="label file of a flat val folder (csv or txt)")
-    parser.add_argument(
-        "--synsets", default=None, help="wnids (first token per line) that integer labels index"
-    )
-    parser.add_argument(
-        "--label-base", type=int, default=0, help="the integer label of the first synset (devkit: 1)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the file-to-shard plan")
-    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
-    args = parser.parse_args(argv)
-    options = ConvertOptions(args.resize_shorter, args.quality, args.boxes)
-    manifest = convert(
-        args.root,
-        args.split,
-        args.out,
-        options=options,
-        max_shard_bytes=args.max_shard_bytes,
-        max_shard_count=args.max_shard_count,
-        seed=args.seed,
-        val_labels=args.val_labels,
-        synsets=args.synsets,
-        label_base=args.label_base,
-        workers=args.workers,
-    )
-    print(
-        f"{manifest.samples} samples in {len(manifest.shards)} shards, {len(manifest.skipped)} files skipped"
-    )
-
-
-if __name__ == "__main__":
-    main()

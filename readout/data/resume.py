@@ -118,7 +118,7 @@ class TrainLoader(DataLoader):
     """The training loader of ``readout.fit``: a DataLoader that tells Lightning it is resumable.
 
     Its position is not kept in its own state: the data module reads it from the trainer's loop
-    when a run is restored (:meth:`readout.datamodule.ReadoutDataModule.resume_position`) and
+    when a run is restored (:meth:`readout.training.datamodule.ReadoutDataModule.resume_position`) and
     builds a :class:`ResumedLoader`. ``state_dict``/``load_state_dict`` exist so that Lightning
     recognises the loader as resumable (its ``_Stateful`` protocol) and does not warn, on every
     resume, that the epoch's data will be unreliable; what they store is only this note.

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms import v2
+from webdataset.filters import batched
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from readout.data.format import MANIFEST_NAME, SKIP_REASONS, Manifest, SampleError, decode_sample
@@ -297,6 +298,12 @@ class ShardDataset(IterableDataset):
         return self._eval_batches(worker, workers)
 
     def _train_batches(self, epoch: int, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        # Drawn, shuffled and augmented here, not by webdataset's ResampledShards, detshuffle and shuffle:
+        # one generator of (seed, epoch, rank, worker) feeds the shard draws, the buffer and each sample's
+        # augmentation, so that a resumed epoch (resume.py) replays exactly; detshuffle seeds from seed +
+        # epoch alone (one order on every rank and worker) and ResampledShards takes its rank from RANK or
+        # torch.distributed rather than the one given. Batched here, not by webdataset's batched: that one
+        # hands a batch out only after reading the next sample, one decode past the epoch's quota.
         assert self.batches_per_epoch is not None
         quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
         if quota == 0:
@@ -332,23 +339,26 @@ class ShardDataset(IterableDataset):
                 )
 
     def _eval_batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        elements = self._eval_elements(worker, workers)
+        return batched(self.batch_size, collation_fn=default_collate, partial=True)(elements)
+
+    def _eval_elements(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
+        """This consumer's elements, in shard order.
+
+        Split here, not by webdataset's split_by_node and split_by_worker: they take the rank from RANK or
+        torch.distributed, not the one given (an evaluation may run its ranks in one process), and give
+        nothing to the consumers past the number of shards, where this reader deals out samples instead.
+        """
         consumers, me = self.world_size * workers, self.rank * workers + worker
         urls = self.shards.urls
         split_samples = len(urls) < consumers
         mine = urls if split_samples else urls[me::consumers]
-        batch: list[dict[str, Any]] = []
         for index, raw in enumerate(self._read(mine)):
             if split_samples and index % consumers != me:
                 continue
             sample = self._decode(raw)
-            if sample is None:
-                continue
-            batch.append(self.element(sample))
-            if len(batch) == self.batch_size:
-                yield default_collate(batch)
-                batch = []
-        if batch:
-            yield default_collate(batch)
+            if sample is not None:
+                yield self.element(sample)
 
     def _read(self, urls: Iterable[str]) -> Iterator[dict[str, Any]]:
         """Raw samples (member suffix -> bytes, plus ``__key__``, ``__url__``) of the shards, in order."""

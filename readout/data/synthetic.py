@@ -14,15 +14,13 @@ the mask is exactly the object's visible pixels.
 Sample ``i`` of seed ``s`` depends on ``(s, i)`` alone, so any index range can be regenerated, in any
 order or process. Sizes from 32 to 224 px; all geometry scales with the size.
 
-CLI: ``python -m readout.data.synthetic --out DIR --n N --size S --seed SEED [--shard-size M]`` writes
+Written by ``python -m readout.tools.synthetic --out DIR --n N --size S --seed SEED [--shard-size M]`` writes
 shards in the format of :mod:`readout.data.format` and their ``manifest.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -236,8 +234,8 @@ def write_shards(
     """Writes samples ``start .. start + n - 1`` of ``seed`` to ``out/synthetic-%06d.tar`` + manifest.json.
 
     Images are stored as PNG: lossless, so the shards give exactly the pixels of :func:`generate` and
-    the object's hard edges match its mask. The grain barely compresses: about 12.5 KB per 64 px sample
-    (125 MB per 10,000), which a synthetic set can afford.
+    the object's hard edges match its mask. The grain barely compresses, which a synthetic set can
+    afford.
     """
     _check_shard_arguments(n, size, seed, shard_size, start)
     out = Path(out)
@@ -286,26 +284,3 @@ def to_record(sample: SyntheticSample) -> dict[str, Any]:
     return encode_sample(
         sample.key, image, "png", sample.label, label, [(x0, y0, x1, y1)], (width, height), sample.mask
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m readout.data.synthetic", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--out", required=True, help="directory for the shards and manifest.json")
-    parser.add_argument("--n", type=int, required=True, help="number of samples")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels, 32-224")
-    parser.add_argument("--seed", type=int, default=0, help="data seed; sample i depends on (seed, i) only")
-    parser.add_argument("--start", type=int, default=0, help="index of the first sample")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    args = parser.parse_args(argv)
-    began = time.perf_counter()
-    manifest = write_shards(args.out, args.n, args.size, args.seed, args.shard_size, args.start)
-    seconds = time.perf_counter() - began
-    print(
-        f"wrote {manifest.samples} samples in {len(manifest.shards)} shards to {args.out} in {seconds:.1f} s"
-    )
-
-
-if __name__ == "__main__":
-    main()

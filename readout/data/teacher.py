@@ -1,4 +1,4 @@
-"""Teacher files (:mod:`readout.teacher` writes them): a Per-Sample map per training sample, by key.
+"""Teacher files (:mod:`readout.tools.teacher` writes them): a Per-Sample map per training sample, by key.
 
 A safetensors file (no code runs on loading): one float16 tensor ``maps`` (N, h, w), bits per
 bottleneck location summed over channels, and in its metadata the sample keys (a JSON list, in the
@@ -42,7 +42,7 @@ class TeacherMaps:
         self.path = str(path)
         if not Path(self.path).is_file():
             raise FileNotFoundError(
-                f"no teacher file at {self.path}: make one with python -m readout.teacher"
+                f"no teacher file at {self.path}: make one with python -m readout.tools.teacher"
             )
         try:
             with safe_open(self.path, framework="pt") as handle:
@@ -76,7 +76,7 @@ class TeacherMaps:
         if key not in self.index:
             raise KeyError(
                 f"sample {key!r} has no map in the teacher file {self.path} ({self.info.count} maps): "
-                "it was made from other shards; run python -m readout.teacher on the training shards"
+                "it was made from other shards; run python -m readout.tools.teacher on the training shards"
             )
         if self._handle is None:
             self._handle = safe_open(self.path, framework="pt")

@@ -55,7 +55,7 @@ def transform_sample(
 
     image: (3, H, W) float32 in [0, 1]; label: int64 scalar; box_mask, mask: (H, W) bool;
     has_mask: bool scalar; key: str. A sample without mask gets an all-False one.
-    ``teacher``: a map (h, w) over the whole image (:mod:`readout.teacher`), resized to the image's
+    ``teacher``: a map (h, w) over the whole image (:mod:`readout.tools.teacher`), resized to the image's
     canvas and moved through the same geometry, then ``teacher``: (1, H, W) float32 of the element.
     """
     height, width = sample.image.shape[:2]

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from readout.targets import resolve_target
+
 
 def map_chunks(
     model: nn.Module,
@@ -48,7 +50,6 @@ def logits_of(model: nn.Module, images: torch.Tensor, chunk_size: int) -> torch.
 def resolve_targets(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, chunk_size: int
 ) -> torch.Tensor:
-    """targets (B,) long as given, or the model's predicted classes when None."""
-    if targets is not None:
-        return targets.to(device=images.device, dtype=torch.long)
-    return logits_of(model, images, chunk_size).argmax(dim=1)
+    """targets (B,) long as given (checked), or the model's predicted classes when None
+    (:func:`readout.targets.resolve_target`, the logits in chunks of ``chunk_size``)."""
+    return resolve_target(targets, len(images), images.device, lambda: logits_of(model, images, chunk_size))

@@ -83,7 +83,13 @@ def paired_differences(
         nan = torch.full((size,), float("nan"), dtype=torch.float64)
         return {"mean": nan, "se": nan.clone(), "count": torch.zeros(size, dtype=torch.float64)}
     mine, theirs = (torch.tensor(index) for index in zip(*pairs, strict=True))
-    differences = row["values"].cpu()[mine] - reference["values"].cpu()[theirs]
+    return difference_statistics(row["values"].cpu()[mine] - reference["values"].cpu()[theirs])
+
+
+def difference_statistics(differences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per column of (N, L) per-image differences, NaNs left out: ``{"mean", "se", "count"}``, (L,)
+    each; the mean is NaN without values and the standard error below two."""
+    differences = differences.double()
     defined = ~differences.isnan()
     counts = defined.sum(0).double()
     kept = torch.where(defined, differences, 0.0)

@@ -18,6 +18,7 @@ from readout.data import imagenet
 from readout.data.format import Manifest
 from readout.data.shards import make_loader
 from readout.data.transforms import eval_transform
+from readout.tools import imagenet as imagenet_cli
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: tench = 0
 IDENTITY = eval_transform(None, None)
@@ -160,7 +161,7 @@ def test_cli_with_a_devkit_style_label_file(ilsvrc: Path, tmp_path: Path) -> Non
     (tmp_path / "truth.txt").write_text("1\n3\n")  # 1-based devkit ids: WNIDS[2], WNIDS[1]
     out = tmp_path / "val"
     labels_file, synsets_file = str(tmp_path / "truth.txt"), str(tmp_path / "synsets.txt")
-    imagenet.main(
+    imagenet_cli.main(
         ["--root", str(ilsvrc), "--split", "val", "--out", str(out), "--val-labels", labels_file,
          "--synsets", synsets_file, "--label-base", "1"]
     )  # fmt: skip

@@ -13,11 +13,11 @@ from readout.data.synthetic import (
     BOX_FRACTION,
     CLASSES,
     generate,
-    main,
     make_sample,
     synthetic_batch,
     write_shards,
 )
+from readout.tools.synthetic import main
 
 
 def test_same_seed_and_index_give_the_same_sample_in_any_order() -> None:

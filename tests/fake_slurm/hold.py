@@ -1,5 +1,5 @@
-"""A callback that holds a readout.fit run in one phase until readout.faults.Preemption has received a
-signal, so that a test can send it there (tests/test_slurm_real.py).
+"""A callback that holds a readout.fit run in one phase until readout.training.faults.Preemption has
+received a signal, so that a test can send it there (tests/test_slurm_real.py).
 
 ``phase``: ``estimate`` (as the μ/σ estimate's second batch comes), ``train`` (in step 3, between the
 forward and the backward pass) or ``validation`` (in the validation after step 2). On arrival it
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from readout.faults import Preemption
+from readout.training.faults import Preemption
 
 
 class HoldIn(pl.Callback):

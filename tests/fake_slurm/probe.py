@@ -3,7 +3,7 @@
 It appends the global step of every training batch to ``steps_file`` (one line per batch, so a
 resumed run shows where it picked up). In step ``hold_at`` (global step before it), between the
 forward and the backward pass, it writes its process id to ``marker`` and holds the run until
-:class:`readout.faults.Preemption` has received a signal: the test sends SIGUSR1 when the marker
+:class:`readout.training.faults.Preemption` has received a signal: the test sends SIGUSR1 when the marker
 appears, so the signal lands in the middle of a step.
 
 In a run of several processes, ``{rank}`` in ``steps_file`` and ``marker`` becomes each process's
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-from readout.faults import Preemption
+from readout.training.faults import Preemption
 
 
 class Probe(pl.Callback):

@@ -7,22 +7,7 @@ from torch import nn
 from readout.metrics import Degradation, degradation_curves, degradation_score, tile_ranks, tile_sums
 from readout.metrics.tiles import num_tiles
 
-from .conftest import SIZE, linear_model
-
-
-def slow_tiles(height: int, width: int, tile: int) -> list[list[tuple[int, int]]]:
-    """Pixels of each tile in raster order, the obvious way."""
-    tiles = []
-    for top in range(0, height, tile):
-        for left in range(0, width, tile):
-            tiles.append(
-                [
-                    (y, x)
-                    for y in range(top, min(top + tile, height))
-                    for x in range(left, min(left + tile, width))
-                ]
-            )
-    return tiles
+from .helpers import SIZE, linear_model, slow_tiles
 
 
 def slow_tile_sums(attribution: torch.Tensor, tile: int) -> list[float]:

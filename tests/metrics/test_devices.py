@@ -3,7 +3,7 @@ import torch
 
 from readout.metrics import degradation_curves, localisation_scores, sensitivity_n_correlations
 
-from .conftest import SIZE, linear_model
+from .helpers import SIZE, linear_model
 
 pytestmark = pytest.mark.gpu
 

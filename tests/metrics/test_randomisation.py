@@ -10,7 +10,7 @@ from readout.metrics import (
     reinitialise,
 )
 
-from .conftest import SIZE, tiny_classifier
+from .helpers import SIZE, tiny_classifier
 
 
 def gradient_times_input(model: nn.Module):

@@ -13,9 +13,7 @@ from readout.metrics import (
     sensitivity_n_correlations,
 )
 
-from .conftest import SIZE
-from .test_degradation import slow_tiles
-from .test_similarity import slow_pearson
+from .helpers import SIZE, slow_pearson, slow_tiles
 
 
 def slow_correlations(model, images, attributions, targets, tile, masks):

@@ -7,11 +7,7 @@ import torch
 from readout.metrics import normalise_map, pearson, spearman, ssim
 from readout.metrics.similarity import average_ranks
 
-
-def slow_pearson(x: list[float], y: list[float]) -> float:
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+from .helpers import slow_pearson
 
 
 def slow_ranks(values: list[float]) -> list[float]:

@@ -16,27 +16,23 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import test_reliability as shared
 import torch
-from test_fit import assert_same_readout_weights
-from test_reliability import fit_args
-from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
+from helpers import REPO, assert_same_readout_weights, fit_args
 
-from readout import checkpointing
-from readout.checkpointing import (
+from readout import atomic
+from readout.atomic import atomic_write
+from readout.training.checkpointing import (
     CheckpointSpaceError,
     CorruptCheckpointError,
     NonFiniteCheckpointError,
     ReadoutCheckpointIO,
-    atomic_write,
     read_checkpoint,
 )
-from readout.fit import main as fit
-from readout.fit import resume_candidates
-from readout.lit import ReadoutModule
+from readout.training.fit import main as fit
+from readout.training.fit import resume_candidates
+from readout.training.module import ReadoutModule
 
-REPO = Path(__file__).resolve().parents[1]
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_checkpoint(step: int) -> dict:
@@ -64,7 +60,8 @@ KILLED_WHILE_SAVING = textwrap.dedent(
     """
     import builtins, os, sys, time
     import torch
-    from readout import checkpointing
+    from readout import atomic
+    from readout.training.checkpointing import ReadoutCheckpointIO
 
     class HalfWritten:
         '''Writes half of what it is given, says so, and waits to be killed.'''
@@ -80,9 +77,9 @@ KILLED_WHILE_SAVING = textwrap.dedent(
             builtins.open(sys.argv[2], "w").write(str(os.getpid()))
             time.sleep(120)
 
-    checkpointing.open = HalfWritten
+    atomic.open = HalfWritten
     big = {"global_step": 2, "state_dict": {"w": torch.full((512, 512), 2.0)}}
-    checkpointing.ReadoutCheckpointIO().save_checkpoint(big, sys.argv[1])
+    ReadoutCheckpointIO().save_checkpoint(big, sys.argv[1])
     """
 )
 
@@ -250,8 +247,8 @@ class DiskFillsAt(pl.Callback):
 
 
 class FillingFile:
-    """``open`` of readout.checkpointing on a disk that may be full: then a write keeps half of its data
-    and fails with ENOSPC, as a real full disk does part-way through a file."""
+    """``open`` of readout.atomic on a disk that may be full: then a write keeps half of its data and
+    fails with ENOSPC, as a real full disk does part-way through a file."""
 
     def __init__(self, path: str, mode: str) -> None:
         self.handle = builtins.open(path, mode)
@@ -281,7 +278,7 @@ class FillingFile:
     "the run stops with an error naming the file; no partial file; the previous checkpoint resumes it",
 )
 def test_a_full_disk_at_a_save_stops_the_run_and_the_checkpoints_before_it_resume_it(
-    uninterrupted,  # noqa: F811
+    uninterrupted,
     shards,
     tmp_path,
     monkeypatch,
@@ -292,9 +289,9 @@ def test_a_full_disk_at_a_save_stops_the_run_and_the_checkpoints_before_it_resum
     an error saying so (no requeue: a full disk does not mend itself), leaves no partial file, and
     the step-2 checkpoint resumes it, once there is space, to the uninterrupted run's weights."""
     monkeypatch.setitem(DISK, "full", False)
-    monkeypatch.setattr(checkpointing, "open", FillingFile, raising=False)
+    monkeypatch.setattr(atomic, "open", FillingFile, raising=False)
     run = tmp_path / "run"
-    fills = {"class_path": "test_reliability_checkpoints.DiskFillsAt", "init_args": {"at": 3}}
+    fills = {"class_path": f"{__name__}.DiskFillsAt", "init_args": {"at": 3}}
     with pytest.raises(CheckpointSpaceError, match=r"no space left to write .*resume with --ckpt_path last"):
         fit(fit_args(shards, run, callbacks=[fills]))
     assert not list(run.rglob("*.tmp")), "a partial checkpoint was left behind"

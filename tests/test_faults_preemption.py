@@ -15,59 +15,14 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import test_reliability as shared
 import torch
-from test_ddp import ddp_env
-from test_fit import assert_same_readout_weights
-from test_reliability import fit_args
+from helpers import assert_same_readout_weights, ddp_env, fit_args
 
-from readout.faults import Preemption
-from readout.fit import main as fit
 from readout.readout_bottleneck import ReadoutBottleneck
+from readout.training.fit import main as fit
 
 TESTS = Path(__file__).resolve().parent
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
-
-
-class SignalAt(pl.Callback):
-    """Sends ``signal_name`` to this process as step ``at`` starts: it arrives in the middle of a step."""
-
-    def __init__(self, signal_name: str, at: int) -> None:
-        self.signum, self.at, self.sent = getattr(signal, signal_name), at, False
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-
-class HoldAt(pl.Callback):
-    """At the start of step ``at`` on rank ``rank`` writes the process id to ``marker`` and waits for a
-    signal to arrive."""
-
-    def __init__(self, at: int, marker: str, rank: int = 0) -> None:
-        self.at, self.marker, self.rank = at, Path(marker), rank
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step != self.at or trainer.global_rank != self.rank:
-            return
-        (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]  # type: ignore[attr-defined]
-        self.marker.write_text(str(os.getpid()))
-        deadline = time.monotonic() + 120
-        while preemption.received is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        for key in [k for k in os.environ if k.startswith("SLURM_")]:
-            patch.delenv(key)
-        cli = fit(fit_args(shards, tmp_path_factory.mktemp("uninterrupted") / "run"))
-    torch.set_num_threads(threads)
-    return cli
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.fault("preemption", "training, mid-step", "saved after the step, exit 0; resumed from there")
@@ -91,7 +46,7 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_o
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     run = tmp_path / "run"
     at = {
-        "class_path": "test_reliability_preemption.SignalAt",
+        "class_path": "helpers.SignalAt",
         "init_args": {"signal_name": signal_name, "at": 2},
     }
     first = fit(fit_args(shards, run, callbacks=[at]))
@@ -117,7 +72,7 @@ def test_a_signal_mid_epoch_saves_and_the_resumed_run_ends_as_an_uninterrupted_o
 
 def test_sigterm_from_outside_stops_the_process_with_exit_code_0_and_a_checkpoint(shards, tmp_path):
     run, marker = tmp_path / "run", tmp_path / "held"
-    hold = {"class_path": "test_reliability_preemption.HoldAt", "init_args": {"at": 2, "marker": str(marker)}}
+    hold = {"class_path": "helpers.HoldAt", "init_args": {"at": 2, "marker": str(marker)}}
     env = {**ddp_env(), "PYTHONPATH": str(TESTS)}
     with (tmp_path / "out.txt").open("w") as out:
         job = subprocess.Popen(
@@ -166,7 +121,7 @@ def test_a_signal_in_validation_saves_after_the_next_step_and_the_resumed_run_en
     run = tmp_path / "run"
     validation = {"val_check_interval": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0}
     at = {
-        "class_path": "test_reliability_preemption.SignalInValidation",
+        "class_path": f"{__name__}.SignalInValidation",
         "init_args": {"signal_name": "SIGUSR1", "after": 2},
     }
     args = [*fit_args(shards, run, callbacks=[at], **validation), "--data.val_shards", str(shards)]
@@ -196,15 +151,15 @@ def test_a_signal_during_the_final_export_lets_it_finish_and_says_the_run_was_co
 ):
     """After the last step nothing is left to save or requeue: the bundle is written whole, the process
     ends normally, and the signal is reported rather than lost."""
-    import readout.fit
+    import readout.training.fit
 
-    export = readout.fit.export_module
+    export = readout.training.fit.export_module
 
     def signalled_export(*args: Any, **kwargs: Any) -> Any:
         os.kill(os.getpid(), signal.SIGUSR1)  # the early handler of readout.fit's main catches it
         return export(*args, **kwargs)
 
-    monkeypatch.setattr(readout.fit, "export_module", signalled_export)
+    monkeypatch.setattr(readout.training.fit, "export_module", signalled_export)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     run = tmp_path / "run"
     cli = fit(fit_args(shards, run))

@@ -1,12 +1,11 @@
-"""readout.lit: the training loss against a slow re-implementation, the two passes of a training step,
-channels_last, the layer rules, and what a run writes to TensorBoard.
+"""readout.training.module: the training loss against a slow re-implementation, the two passes
+of a training step, channels_last, the layer rules, and what a run writes to TensorBoard.
 
 Random-init synthetic-cnn at 32 px (the ``tiny_shards`` of conftest.py): each test takes a few seconds.
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections import Counter
 from typing import Any
@@ -14,16 +13,15 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_fit import tiny_config, write_config
+from helpers import fit_with_tensorboard, tiny_config
 from torch import nn
 
 from readout.backbones import load_classifier
 from readout.classifier import Classifier
-from readout.datamodule import ReadoutDataModule
-from readout.fit import main as fit
-from readout.lit import ReadoutModule, check_layers, lr_factor
 from readout.taps import FeatureTaps, ReplaceOutput
+from readout.training.datamodule import ReadoutDataModule
+from readout.training.module import ReadoutModule
+from readout.training.settings import check_layers, lr_factor
 
 SIZE = 32  # conftest.TINY_SHARDS
 
@@ -283,22 +281,6 @@ def test_taps_may_lie_after_the_bottleneck_the_output_included():
 
 # ------------------------------------------------------------------------------------------------------
 # TensorBoard
-
-
-def fit_with_tensorboard(config: dict, tmp_path, monkeypatch) -> tuple[Any, EventAccumulator]:
-    """Runs ``config`` through readout.fit outside SLURM with a TensorBoard logger; the CLI and the
-    run's events, read back."""
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    config["trainer"]["logger"] = {
-        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs/tiny", "name": "tensorboard", "version": ""},
-    }
-    run = tmp_path / "run"
-    cli = fit(["--config", str(write_config(tmp_path / "tb.yaml", config)), "--run_dir", str(run)])
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    return cli, events
 
 
 def test_beta_and_lr_warm_up_linearly_and_beta_is_logged(tiny_shards, tmp_path, monkeypatch):

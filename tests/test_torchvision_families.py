@@ -14,9 +14,9 @@ import torch
 import readout
 from readout.backbones import load_classifier
 from readout.classifier import Classifier
-from readout.export import export_module
-from readout.lit import ReadoutModule
 from readout.relevance import RelevanceIBA
+from readout.training.export import export_module
+from readout.training.module import ReadoutModule
 
 SIZE = 64
 #: Family -> the lowest per-image conservation of Relevance-IBA accepted here (random weights,

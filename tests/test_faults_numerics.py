@@ -12,17 +12,15 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import test_reliability as shared
 import torch
-from test_ddp import ddp_env
-from test_reliability import fit_args
+from helpers import ddp_env, fit_args
 
-from readout.checkpointing import read_checkpoint
-from readout.fit import main as fit
-from readout.lit import ReadoutModule
+from readout.training.checkpointing import read_checkpoint
+from readout.training.fit import main as fit
+from readout.training.module import ReadoutModule
 
 TESTS = Path(__file__).resolve().parent
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nan_loss_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:

@@ -3,7 +3,7 @@
 ``python -m readout.fit`` calls :func:`catch_early` in its first lines, before its imports (seconds
 of torch and Lightning): from then on SIGTERM and SIGUSR1 (SLURM's requeue signal) only append
 their number to :data:`EARLY`, where the default action of SIGUSR1 would kill the process. Once
-the trainer's :class:`readout.faults.Preemption` is set up it takes the numbers over and handles
+the trainer's :class:`readout.training.faults.Preemption` is set up it takes the numbers over and handles
 them. Standard library only: this module must stay cheap to import.
 """
 

@@ -93,7 +93,7 @@ class ReadoutDataModule(pl.LightningDataModule):
             after the copy to the device the batch is decoded there in one call (nvJPEG on CUDA) and
             cropped (:class:`DeviceTrainTransform`; the same crops as ``cpu`` under the same seed).
             Needs JPEG shards; validation and the μ/σ estimate decode on the CPU either way.
-        teacher: a teacher file of the training shards (``python -m readout.teacher``): each training
+        teacher: a teacher file of the training shards (``python -m readout.tools.teacher``): each training
             sample then carries its Per-Sample map, cropped and flipped as its image, for
             ``model.distill_weight``. Needs ``decode: cpu``.
     """

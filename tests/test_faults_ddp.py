@@ -20,15 +20,13 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
-import test_reliability as shared
 import torch
-from test_ddp import ddp_env
-from test_reliability import fit_args
+from helpers import ddp_env, fit_args
 
-from readout.fit import main as fit
+from readout.training.fit import main as fit
 
 TESTS = Path(__file__).resolve().parent
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StallAt(pl.Callback):
@@ -110,7 +108,7 @@ def test_when_a_rank_is_killed_the_other_exits_with_a_message_and_the_job_resume
     output = log.read_text()
     assert code != 0, output[-3000:]
     # Either rank 0's next collective fails first, or Lightning's child-process observer (every 5 s)
-    # ends the job first; both explain themselves (readout.faults.explain_observer_kills).
+    # ends the job first; both explain themselves (readout.training.faults.explain_observer_kills).
     assert re.search(r"rank 0 of 2 stops: (a collective operation failed|another process of this run died)",
                      output), output[-3000:]  # fmt: skip
     assert "run again with --ckpt_path last to resume" in output
@@ -154,7 +152,7 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_one_checkpoint(
     """Only rank 0 is signalled (a scheduler that signals the launched process alone): the ranks agree at
     the end of the step, rank 0 writes hpc_ckpt_1.ckpt of step 3 and both exit 0."""
     run, marker, log = tmp_path / "run", tmp_path / "rank0.pid", tmp_path / "out.txt"
-    hold = {"class_path": "test_reliability_preemption.HoldAt", "init_args": {"at": 2, "marker": str(marker)}}
+    hold = {"class_path": "helpers.HoldAt", "init_args": {"at": 2, "marker": str(marker)}}
     args = fit_args(shards, run, callbacks=[hold], devices=2, strategy="ddp")
     with log.open("w") as out:
         job = subprocess.Popen(
@@ -186,7 +184,7 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step_with_one_checkpoint(
 def test_lightnings_child_observer_says_why_it_ends_the_job_before_it_kills(capsys):
     from lightning_fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-    from readout.faults import explain_observer_kills
+    from readout.training.faults import explain_observer_kills
 
     trainer = SimpleNamespace(world_size=2, default_root_dir="runs/x")
     explain_observer_kills(trainer)  # type: ignore[arg-type]

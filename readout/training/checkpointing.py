@@ -1,10 +1,8 @@
 """Checkpoints that are whole or absent, load without running code, and never hold a NaN.
 
 - Saving (:class:`ReadoutCheckpointIO`, the CheckpointIO of ``readout.fit``): ``torch.save`` into memory,
-  write that to a temporary name beside the target, flush and fsync, then rename it over the target
-  (``os.replace`` on a local disk, ``fs.mv`` through fsspec elsewhere; an object store's single put is
-  atomic by itself). A process killed during a save leaves the previous checkpoint and a stray
-  ``.<name>.<id>.tmp``, never a half-written ``.ckpt``; the next save of that name removes the stray.
+  then :func:`readout.atomic.atomic_write`: a killed save leaves the previous checkpoint, never a
+  half-written ``.ckpt``.
 - Loading (:func:`read_checkpoint`): the whole file is read once, the CRC-32 of every record of its zip
   checked (torch's reader skips them, so a flipped bit would load silently), then ``torch.load`` with
   ``weights_only=True``: tensors and plain containers only. A pickle that would build any other object
@@ -20,16 +18,16 @@ import io
 import logging
 import os
 import pickle
-import posixpath
 import re
-import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from readout.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -154,69 +152,6 @@ def first_usable(
             then = f"falling back to {following}" if following else "no earlier checkpoint is left"
             report(f"cannot resume from {path}: {error}; {then}")
     return None
-
-
-# --------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def atomic_write(url: str, payload: bytes) -> None:
-    """Writes ``payload`` to ``url`` (a local path or fsspec URL) so that it is either whole or not there."""
-    fs, path = fsspec.core.url_to_fs(url)
-    directory, name = posixpath.split(path)
-    if directory:
-        fs.makedirs(directory, exist_ok=True)
-    for stray in _strays(fs, directory, name):
-        fs.rm(stray)
-    temporary = posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        if _is_local(fs):
-            with open(temporary, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-            _fsync_directory(directory)
-        else:
-            with fs.open(temporary, "wb") as handle:
-                handle.write(payload)
-            fs.mv(temporary, path)
-    except BaseException:
-        if fs.exists(temporary):
-            fs.rm(temporary)
-        raise
-
-
-def _strays(fs: fsspec.AbstractFileSystem, directory: str, name: str) -> Iterator[str]:
-    """Temporary files of ``name`` left by a process killed while saving it."""
-    try:
-        listed = fs.ls(directory or ".", detail=False)
-    except FileNotFoundError:
-        return
-    prefix = f".{name}."
-    for entry in listed:
-        base = posixpath.basename(entry.rstrip("/"))
-        if base.startswith(prefix) and base.endswith(".tmp"):
-            yield entry
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-def _fsync_directory(directory: str) -> None:
-    """Makes the rename itself durable (POSIX); best effort where directories cannot be opened."""
-    try:
-        descriptor = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 class ReadoutCheckpointIO(TorchCheckpointIO):

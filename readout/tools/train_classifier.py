@@ -2,17 +2,18 @@
 
 Train (CPU, minutes)::
 
-    python -m readout.train_classifier --out checkpoints/synthetic-cnn \
+    python -m readout.tools.train_classifier --out checkpoints/synthetic-cnn \
         --n-train 16000 --epochs 8 --size 64 --seed 0
 
-The 224-px classifier of ``python -m readout.compare_relevance`` starts from the 64-px one::
+The 224-px classifier of ``python -m readout.tools.compare_relevance`` starts from the 64-px one::
 
-    python -m readout.train_classifier --out checkpoints/synthetic-cnn-224 --init checkpoints/synthetic-cnn \
-        --size 224 --n-train 4000 --epochs 2 --batch-size 64 --lr 1e-3 --n-eval 256 --min-accuracy 0.9
+    python -m readout.tools.train_classifier --out checkpoints/synthetic-cnn-224 \
+        --init checkpoints/synthetic-cnn --size 224 \
+        --n-train 4000 --epochs 2 --batch-size 64 --lr 1e-3 --n-eval 256 --min-accuracy 0.9
 
 Measure a saved classifier again::
 
-    python -m readout.train_classifier --evaluate-only --out checkpoints/synthetic-cnn \
+    python -m readout.tools.train_classifier --evaluate-only --out checkpoints/synthetic-cnn \
         --n-eval 512 --eval-seed 1000
 
 The training images are made in memory by :func:`readout.data.synthetic.generate` (seed ``--seed``); the
@@ -41,7 +42,7 @@ from readout.data.synthetic import CLASSES, generate, synthetic_batch
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What ``python -m readout.train_classifier`` trains; every field is a CLI flag (``--n-train`` ...)."""
+    """What ``python -m readout.tools.train_classifier`` trains; every field is a flag (``--n-train``)."""
 
     architecture: str = "synthetic-cnn"
     """``synthetic-cnn`` or any torchvision classification model (``resnet18``), randomly initialised
@@ -144,7 +145,7 @@ def evaluate(classifier: Classifier, n: int, size: int, seed: int, batch_size: i
 
 def evaluate_command(config: TrainConfig) -> str:
     return (
-        f"python -m readout.train_classifier --evaluate-only --out {config.out} "
+        f"python -m readout.tools.train_classifier --evaluate-only --out {config.out} "
         f"--n-eval {config.n_eval} --eval-seed {config.eval_seed} --size {config.size}"
     )
 
@@ -152,7 +153,7 @@ def evaluate_command(config: TrainConfig) -> str:
 def main(argv: list[str] | None = None) -> float:
     """Runs the CLI; returns the measured top-1 in [0, 1] (and exits 1 below ``--min-accuracy``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m readout.train_classifier", description=__doc__.split("\n")[0]
+        prog="python -m readout.tools.train_classifier", description=__doc__.split("\n")[0]
     )
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> float:
     accuracy = evaluate(classifier, config.n_eval, config.size, config.eval_seed)
     print(f"top-1 {accuracy:.4f} on {config.n_eval} images of seed {config.eval_seed}")
     if not args.evaluate_only:
-        command = "python -m readout.train_classifier " + shlex.join(sys.argv[1:] if argv is None else argv)
+        command = "python -m readout.tools.train_classifier " + shlex.join(
+            sys.argv[1:] if argv is None else argv
+        )
         metadata = {
             "training": {
                 **asdict(config),

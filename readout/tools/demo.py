@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 
 from readout.backbones import load_classifier
+from readout.bundle import load
 from readout.data.shards import make_loader
 from readout.data.synthetic import synthetic_batch, write_shards
 from readout.data.transforms import eval_transform
-from readout.export import load
 from readout.logs import show_info
 from readout.metrics import box_ratio
 from readout.plotting import save_heatmap_png, save_heatmap_sheet
+from readout.training.teacher import TeacherConfig
+from readout.training.teacher import compute as compute_teacher
 
 #: Seeds of the demo's data: training, validation and the held-out images are disjoint.
 TRAIN_SEED, VAL_SEED, HELD_OUT_SEED = 10, 11, 4242
@@ -67,7 +69,7 @@ def held_out_report(bundle: str, out: Path, n: int, size: int, pictures: int) ->
 
 def main(argv: list[str] | None = None) -> None:
     show_info()
-    parser = argparse.ArgumentParser(prog="python -m readout.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m readout.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--data", default="data/synthetic")
     parser.add_argument(
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         "--teacher",
         default=None,
         help="Per-Sample maps of the training images for distillation (--model.distill_weight): the file "
-        "is made from the training shards with python -m readout.teacher when it is not there yet",
+        "is made from the training shards with python -m readout.tools.teacher when it is not there yet",
     )
     parser.add_argument("--teacher-layer", default="block2", help="the Per-Sample layer of --teacher")
     parser.add_argument("--held-out", type=int, default=64)
@@ -102,14 +104,17 @@ def main(argv: list[str] | None = None) -> None:
     teacher = []
     if args.teacher is not None:
         if not Path(args.teacher).is_file():
-            from readout.teacher import main as make_teacher
-
-            make_teacher(["--classifier", args.classifier, "--shards", str(data / "train"),
-                          "--layer", args.teacher_layer, "--out", args.teacher])  # fmt: skip
+            made = TeacherConfig(
+                shards=str(data / "train"),
+                layer=args.teacher_layer,
+                out=args.teacher,
+                classifier=args.classifier,
+            )
+            compute_teacher(made)
             print(f"teacher maps in {args.teacher} ({(time.perf_counter() - started) / 60:.1f} min so far)")
         teacher = ["--data.teacher", args.teacher]
 
-    from readout.fit import main as fit  # Lightning is imported only when training
+    from readout.training.fit import main as fit  # Lightning is imported only when training
 
     fit(
         [

@@ -13,21 +13,17 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import test_reliability as shared
 import torch
 import webdataset as wds
-from test_fit import assert_same_readout_weights
-from test_reliability import fit_args
-from test_reliability_preemption import uninterrupted  # noqa: F401 (a fixture)
-from test_slurm import step_processes
+from helpers import assert_same_readout_weights, fit_args, step_processes
 
 from readout.data.shards import ShardDataset, ShardHealth, make_loader
 from readout.data.synthetic import generate, to_record, write_shards
 from readout.data.transforms import eval_transform
-from readout.faults import BadDataError
-from readout.fit import main as fit
+from readout.training.faults import BadDataError
+from readout.training.fit import main as fit
 
-one_thread, no_slurm, shards = shared.one_thread, shared.no_slurm, shared.shards  # fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 TRANSFORM = eval_transform(64, 64)
 
 
@@ -169,7 +165,7 @@ class KillLoaderWorkersAt(pl.Callback):
     "the run stops with advice (OOM killer, fewer workers); the last checkpoint resumes it",
 )
 def test_a_killed_loader_worker_stops_the_run_with_advice_and_the_last_checkpoint_resumes_it(
-    uninterrupted,  # noqa: F811
+    uninterrupted,
     shards,
     tmp_path,
     capsys,
@@ -177,7 +173,7 @@ def test_a_killed_loader_worker_stops_the_run_with_advice_and_the_last_checkpoin
     fault_result,
 ):
     run = tmp_path / "run"
-    kill = {"class_path": "test_reliability_data.KillLoaderWorkersAt", "init_args": {"at": 3}}
+    kill = {"class_path": f"{__name__}.KillLoaderWorkersAt", "init_args": {"at": 3}}
     with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid"):
         fit([*fit_args(shards, run, callbacks=[kill]), "--data.num_workers", "1"])
     err = capsys.readouterr().err

@@ -9,48 +9,31 @@ checkpoints (they are identified by a fingerprint instead and restored from the 
 from __future__ import annotations
 
 import json
-import math
 import posixpath
 import time
-import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import fsspec
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torchmetrics.classification import MulticlassAccuracy
 
+from readout.atomic import atomic_write
 from readout.attributor import images_of
 from readout.backbones import load_classifier
-from readout.bottleneck import LN2
-from readout.checkpointing import atomic_write, check_finite
-from readout.classifier import LOGITS, Classifier
+from readout.bundle import classifier_fingerprint
 from readout.data.teacher import TeacherMaps
-from readout.export import classifier_fingerprint
-from readout.faults import Preemption
 from readout.plotting import heatmap_grid
-from readout.readout_bottleneck import ReadoutBottleneck
+from readout.readout_bottleneck import ReadoutBottleneck, readout_loss
+from readout.training.checkpointing import check_finite
+from readout.training.faults import Preemption
+from readout.training.settings import check_layers, lr_factor, sample_noise
 
 CLASSIFIER_PREFIX = "attributor.classifier."
-
-
-def sample_noise(keys: list[str], step: int, like: torch.Tensor, seed: int) -> torch.Tensor:
-    """Standard normal noise (B, C, h, w), each sample's drawn from (seed, its key, the step).
-
-    The noise of a sample does not depend on which rank or batch position it lands in, so a run on
-    two processes draws exactly the noise of a run on one, and a resumed run the noise it would have.
-    """
-    noise = torch.empty_like(like)
-    generator = torch.Generator(device=like.device)
-    for i, key in enumerate(keys):
-        generator.manual_seed(zlib.crc32(f"{seed}/{key}/{step}".encode()))
-        noise[i] = torch.randn(like.shape[1:], generator=generator, device=like.device, dtype=like.dtype)
-    return noise
 
 
 class ReadoutModule(pl.LightningModule):
@@ -78,10 +61,11 @@ class ReadoutModule(pl.LightningModule):
         lr_warmup_steps: the learning rate ramps linearly from 0 to ``lr`` over this many steps.
         lr_decay: ``cosine``: after the warm-up the learning rate falls along a half cosine to 0 at the
             run's end (Lightning's ``estimated_stepping_batches``); ``none``: it stays at ``lr``.
-        distill_weight: weight of the distillation term (:func:`distill_loss`): the readout's map of
-            information over the bottleneck's locations is pulled towards the Per-Sample map of the
-            same crop (``data.teacher``, made by ``python -m readout.teacher``); 0: off, the paper's
-            loss. Logged as ``train/distill``; validation losses leave it out.
+        distill_weight: weight of the distillation term
+            (:func:`readout.readout_bottleneck.distill_loss`): the readout's map of information over
+            the bottleneck's locations is pulled towards the Per-Sample map of the same crop
+            (``data.teacher``, made by ``python -m readout.tools.teacher``); 0: off, the paper's loss.
+            Logged as ``train/distill``; validation losses leave it out.
         sigma: smoothing σ_s of λ.
         lr: Adam's learning rate for the readout net.
         readout_hidden: the readout net's first hidden width (default: the paper's, half the stacked
@@ -246,7 +230,7 @@ class ReadoutModule(pl.LightningModule):
         if teacher is None:
             raise ValueError(
                 "model.distill_weight needs teacher maps: set data.teacher to a file made by "
-                "python -m readout.teacher on the training shards"
+                "python -m readout.tools.teacher on the training shards"
             )
         if teacher.info.fingerprint != self.fingerprint:
             raise ValueError(
@@ -277,32 +261,30 @@ class ReadoutModule(pl.LightningModule):
         return float(self.hparams["beta"]) * ramp
 
     def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Loss = CE(classifier after the bottleneck, label) + β/k·Σ KL, mean over the batch (β of
-        :meth:`current_beta`)."""
+        """:func:`readout.readout_bottleneck.readout_loss` on a batch, with β of :meth:`current_beta` and
+        each sample's noise drawn from its key and the step
+        (:func:`readout.training.settings.sample_noise`)."""
         images, labels = batch["image"], batch["label"]
         if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
-        logits, features, readout = self.attributor.first_pass(images)
-        alpha = self.attributor.alpha(readout)
-        noise = sample_noise(list(batch["key"]), self.global_step, features, self.hparams["noise_seed"])
-        z, kl = self.attributor.bottleneck(features, alpha, noise)
-        logits_bottleneck = self.attributor.logits_after(z, images)
-        ce = F.cross_entropy(logits_bottleneck, labels)
-        information = kl.flatten(1).sum(1)
-        loss = ce + self.current_beta() / self.attributor.k * information.mean()
-        out = {}
-        weight = self.hparams.get("distill_weight", 0.0)
-        if weight and "teacher" in batch:
-            out["distill"] = distill_loss(kl, batch["teacher"])
-            loss = loss + weight * out["distill"]
+        keys, step, seed = list(batch["key"]), self.global_step, self.hparams["noise_seed"]
+        out = readout_loss(
+            self.attributor,
+            images,
+            labels,
+            lambda features: sample_noise(keys, step, features, seed),
+            self.current_beta(),
+            teacher=batch.get("teacher"),
+            distill_weight=self.hparams.get("distill_weight", 0.0),
+        )
         return {
-            **out,
-            "loss": loss,
-            "ce": ce,
-            "bits": information.mean() / LN2,
-            "logits": logits,
-            "logits_bottleneck": logits_bottleneck,
-            "kl": kl,
+            **({"distill": out.distill} if out.distill is not None else {}),
+            "loss": out.loss,
+            "ce": out.ce,
+            "bits": out.bits,
+            "logits": out.logits,
+            "logits_bottleneck": out.logits_bottleneck,
+            "kl": out.kl,
         }
 
     def on_train_epoch_start(self) -> None:
@@ -503,81 +485,3 @@ def safe_open_metadata(payload: bytes) -> dict[str, str]:
     size = int.from_bytes(payload[:8], "little")
     header = json.loads(payload[8 : 8 + size])
     return dict(header.get("__metadata__", {}))
-
-
-def distill_loss(kl: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """KL(teacher ‖ readout) between where two maps place their information, mean over the batch.
-
-    ``kl``: the readout's information (B, C, h, w); ``teacher``: the Per-Sample maps (B, 1, H, W)
-    over the same crops, averaged down to (h, w). Each map, summed over channels, is made a
-    distribution over the h·w locations, so the term shapes *where* the information goes and
-    leaves *how much* to CE + β·KL. Zero when the readout's map is the teacher's up to scale.
-    """
-    grid = (int(kl.shape[-2]), int(kl.shape[-1]))
-    target = F.adaptive_avg_pool2d(teacher.float(), grid).flatten(1).clamp_min(0) + eps
-    target = target / target.sum(1, keepdim=True)
-    student = kl.sum(1).flatten(1).clamp_min(0) + eps
-    log_student = student.log() - student.sum(1, keepdim=True).log()
-    return (target * (target.log() - log_student)).sum(1).mean()
-
-
-def lr_factor(step: int, warmup: int, total: int | None) -> float:
-    """The share of ``lr`` that step ``step`` (0-based) trains at: (step + 1)/warmup during the
-    warm-up (no step at lr 0), then 1, or with ``total`` steps in the run a half cosine from 1 down
-    to 0 at its end."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if total is None:
-        return 1.0
-    span = max(total - warmup, 1)
-    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
-
-
-def check_layers(network: Classifier, layer: str | None, taps: list[str] | None) -> None:
-    """Raises ValueError naming ``model.layer`` or ``model.taps`` and the valid choices.
-
-    The rules (None means the classifier's default, which keeps them):
-    - ``model.taps``: at least one layer, each a layer of the classifier (a module path or an alias)
-      that runs once, none twice. Taps may lie anywhere, before the bottleneck or after it, the
-      classifier's output included: the paper's resnet50 readout sits at conv2_3 and reads conv2_3,
-      conv3_4, conv4_6, conv5_3 and the logits.
-    - ``model.layer``: a layer of the classifier with a spatial (B, C, h, w) activation, strictly
-      before the classifier's output (the layers after it score the noisy activation).
-    """
-    names = network.layer_names()
-    if taps is not None:
-        if not taps:
-            raise ValueError(
-                f"model.taps is empty: name at least one layer of {network.name!r} (null: the "
-                f"classifier's default); valid: {', '.join(names)}"
-            )
-        unknown = [tap for tap in taps if not _is_layer(network, tap)]
-        if unknown:
-            raise ValueError(
-                f"model.taps {unknown} are not layers of {network.name!r}; valid: {', '.join(names)} "
-                "or any module path"
-            )
-        twice = sorted({tap for tap in taps if taps.count(tap) > 1}, key=taps.index)
-        if twice:
-            raise ValueError(f"model.taps lists {twice} more than once; each layer is read once")
-        network.tap_info(taps)  # a tap that runs twice, or gives no tensor, is refused by name
-    if layer is None:
-        return
-    spatial = [name for name in names if name != LOGITS and network.tap_info([name])[0].spatial]
-    if not _is_layer(network, layer):
-        why = f"is not a layer of {network.name!r}"
-    elif network.tap_info([layer])[0].spatial:
-        return
-    elif network.tap_info([layer])[0].channels == network.num_classes:
-        why = "is the classifier's output: the bottleneck must lie strictly before it, with layers after it"
-    else:
-        why = "has no spatial activation (the bottleneck needs a (B, C, h, w) map)"
-    raise ValueError(f"model.layer {layer!r} {why}; valid: {', '.join(spatial)} or any module path")
-
-
-def _is_layer(network: Classifier, name: str) -> bool:
-    try:
-        network.resolve(name)
-    except KeyError:
-        return False
-    return True

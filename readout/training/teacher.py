@@ -1,13 +1,15 @@
-"""``python -m readout.teacher``: Per-Sample maps of the training images, the teacher of a distilled readout.
+"""Per-Sample maps of the training images: the teacher of a distilled readout.
 
-    python -m readout.teacher --classifier synthetic-cnn --shards data/synthetic/train \
+Made by ``python -m readout.tools.teacher`` (or ``python -m readout.tools.demo --teacher FILE``)::
+
+    python -m readout.tools.teacher --classifier synthetic-cnn --shards data/synthetic/train \
         --layer block2 --out data/synthetic/train-teacher.safetensors
 
 Each training image is fitted by the Per-Sample Bottleneck (the paper's settings, β = ``--beta``/k,
 for its label) and its information map, summed over channels (bits per bottleneck location,
 (h, w)), is stored under the sample's key. ``readout.fit`` reads the file with ``--data.teacher``,
 carries each map through the same random crop and flip as its image, and ``--model.distill_weight``
-adds a term that pulls the readout's map towards it (:func:`readout.lit.distill_loss`).
+adds a term that pulls the readout's map towards it (:func:`readout.readout_bottleneck.distill_loss`).
 
 The images are fitted whole, resized to the classifier's input size (the synthetic set's are that
 size already), so a map covers the canvas its image's crops are drawn from. Work is written in
@@ -18,9 +20,9 @@ float16 tensor ``maps`` (N, h, w) and, in its metadata, the keys and how the map
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,16 +31,40 @@ from safetensors.torch import load_file, save
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from readout.atomic import atomic_write
 from readout.backbones import load_classifier
-from readout.checkpointing import atomic_write
+from readout.bundle import classifier_fingerprint
 from readout.data.shards import ShardDataset, make_loader, resolve_shards
 from readout.data.teacher import FORMAT
-from readout.export import classifier_fingerprint
-from readout.logs import show_info
 from readout.per_sample import PerSample
 
 
-def teacher_settings(args: argparse.Namespace, fingerprint: str) -> dict[str, str]:
+@dataclass(frozen=True)
+class TeacherConfig:
+    """How the teacher maps are made (the flags of ``python -m readout.tools.teacher``)."""
+
+    shards: str
+    """The training shards (as ``data.train_shards``)."""
+    layer: str
+    """The Per-Sample layer (the readout's, usually)."""
+    out: str
+    """The teacher file (safetensors)."""
+    classifier: str = "synthetic-cnn"
+    weights: str | None = "IMAGENET1K_V1"
+    weights_path: str | None = None
+    beta: float = 10.0
+    """β·k of the Per-Sample fit."""
+    batch_size: int = 64
+    estimate_samples: int = 2000
+    """Training images for μ/σ."""
+    seed: int = 0
+    """Seed of the fit's noise."""
+    threads: int = 0
+    """Torch threads (0: torch's default)."""
+
+
+def teacher_settings(args: TeacherConfig, fingerprint: str) -> dict[str, str]:
+    """What the maps depend on: recorded in the file and in the chunks' folder, checked on resuming."""
     return {
         "format": FORMAT,
         "classifier": args.classifier,
@@ -51,7 +77,7 @@ def teacher_settings(args: argparse.Namespace, fingerprint: str) -> dict[str, st
     }
 
 
-def compute(args: argparse.Namespace) -> Path:
+def compute(args: TeacherConfig) -> Path:
     """Fits every training image, chunk by chunk; returns the teacher file."""
     out = Path(args.out)
     classifier = load_classifier(args.classifier, weights=args.weights, weights_path=args.weights_path)
@@ -114,25 +140,3 @@ def compute(args: argparse.Namespace) -> Path:
     atomic_write(str(out), save({"maps": torch.cat(parts)}, metadata={**settings, "keys": json.dumps(keys)}))
     shutil.rmtree(partial)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    show_info()
-    parser = argparse.ArgumentParser(prog="python -m readout.teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("--classifier", default="synthetic-cnn", help="a name or a saved classifier's path")
-    parser.add_argument("--weights", default="IMAGENET1K_V1", help="torchvision weight entry")
-    parser.add_argument("--weights-path", default=None, help="a local weights file instead of the hub cache")
-    parser.add_argument("--shards", required=True, help="the training shards (as data.train_shards)")
-    parser.add_argument("--layer", required=True, help="the Per-Sample layer (the readout's, usually)")
-    parser.add_argument("--beta", type=float, default=10.0, help="β·k of the Per-Sample fit")
-    parser.add_argument("--out", required=True, help="the teacher file (safetensors)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--estimate-samples", type=int, default=2000, help="training images for μ/σ")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fit's noise")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args(argv)
-    print(f"teacher maps in {compute(args)}")
-
-
-if __name__ == "__main__":
-    main()

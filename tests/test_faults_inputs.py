@@ -1,7 +1,7 @@
-"""Reliability (issue 6): bad configs fail before any data is read, loading never runs code, odd images.
+"""Bad inputs (issue 6): bad configs fail before any data is read, loading never runs code, odd images.
 
-Also the shared pieces of the other ``test_reliability_*`` modules: a tiny run of ``readout.fit``
-(random-init synthetic-cnn on 64-px shards, one thread, a few steps) and its arguments.
+Runs are tiny runs of ``readout.fit`` (helpers.fit_args: random-init synthetic-cnn on the 64-px
+``shards`` of conftest.py, one thread, a few steps).
 """
 
 from __future__ import annotations
@@ -11,62 +11,23 @@ import os
 import pickle
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import fit_args
 from PIL import Image
-from test_fit import tiny_config, write_config
 
 from readout.backbones import load_classifier, save_classifier
-from readout.checkpointing import UnsafeCheckpointError
+from readout.bundle import load
 from readout.data.shards import ShardDataset
-from readout.data.synthetic import write_shards
 from readout.explain import main as explain
-from readout.export import export_checkpoint, load
-from readout.fit import main as fit
+from readout.training.checkpointing import UnsafeCheckpointError
+from readout.training.export import export_checkpoint
+from readout.training.fit import main as fit
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tests share two cores with others: two threads per process at 64 px are ~20x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 shards of 8 synthetic 64-px images."""
-    out = tmp_path_factory.mktemp("reliability") / "shards"
-    write_shards(out, n=24, size=64, seed=0, shard_size=8)
-    return out
-
-
-def fit_args(
-    shards: Path,
-    run: Path,
-    every: int = 2,
-    callbacks: list[dict] | None = None,
-    checkpoint: dict | None = None,
-    **trainer: object,
-) -> list[str]:
-    """``readout.fit`` on tiny_config (6 steps, 4 batches per epoch) with a checkpoint every ``every`` steps
-    (more ModelCheckpoint arguments in ``checkpoint``), the run in ``run``; ``callbacks`` go first."""
-    config = tiny_config(shards, **trainer)
-    config["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=every, **(checkpoint or {}))
-    config["trainer"]["callbacks"][:0] = callbacks or []
-    run.mkdir(parents=True, exist_ok=True)
-    return ["--config", str(write_config(run.parent / f"{run.name}.yaml", config)), "--run_dir", str(run)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -216,7 +177,7 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_and_never_run(poisoned, sha
 
 
 def test_resume_asks_lightning_for_weights_only_and_our_checkpoint_io_insists(trained, poisoned, no_slurm):
-    from readout.checkpointing import ReadoutCheckpointIO
+    from readout.training.checkpointing import ReadoutCheckpointIO
 
     path, marker = poisoned
     with pytest.raises(UnsafeCheckpointError):

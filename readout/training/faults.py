@@ -31,8 +31,8 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from readout.checkpointing import atomic_write
-from readout.signals import hand_over
+from readout.atomic import atomic_write
+from readout.training.signals import hand_over
 
 log = logging.getLogger(__name__)
 

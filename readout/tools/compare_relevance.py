@@ -1,4 +1,4 @@
-"""``python -m readout.compare_relevance``: Relevance-IBA against the upsampled IBA maps it starts from.
+"""``python -m readout.tools.compare_relevance``: Relevance-IBA against the upsampled IBA maps it starts from.
 
 On held-out synthetic images (seed :data:`EVAL_SEED`, never used for training or for the bottleneck's
 statistics, which use :data:`STATS_SEED`), for each setting (classifier, bottleneck layer, image size):
@@ -31,21 +31,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from readout.attributor import BottleneckAttributor, Explanation  # noqa: E402
-from readout.backbones import load_classifier  # noqa: E402
-from readout.classifier import Classifier  # noqa: E402
-from readout.data.synthetic import synthetic_batch  # noqa: E402
+from readout.attributor import BottleneckAttributor, Explanation
+from readout.backbones import load_classifier
+from readout.classifier import Classifier
+from readout.data.synthetic import synthetic_batch
 from readout.logs import show_info
-from readout.metrics.localisation import LOCALISATION_SCORES, localisation_scores  # noqa: E402
-from readout.per_sample import PerSample  # noqa: E402
-from readout.plotting import overlay  # noqa: E402
-from readout.relevance import Injection, RelevanceIBA  # noqa: E402
+from readout.metrics.localisation import LOCALISATION_SCORES, localisation_scores
+from readout.metrics.paired import difference_statistics
+from readout.per_sample import PerSample
+from readout.plotting import overlay
+from readout.relevance import Injection, RelevanceIBA
 
 #: Held-out images and the bottleneck's statistics: seeds of their own (0 trains the shipped classifier,
 #: 1000 tests it, 777 gives the explain CLI's statistics).
@@ -110,13 +108,13 @@ def nanmean(values: list[float]) -> float:
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a − b over images where both are defined, and its standard error."""
-    diffs = [x - y for x, y in zip(a, b, strict=True) if not (math.isnan(x) or math.isnan(y))]
-    if len(diffs) < 2:
+    """Mean of a − b over images where both are defined, and its standard error (NaN below two)
+    (:func:`readout.metrics.paired.difference_statistics`, as the evaluation's paired columns)."""
+    differences = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    statistics = difference_statistics(differences[:, None])
+    if statistics["count"][0] < 2:
         return float("nan"), float("nan")
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
+    return float(statistics["mean"][0]), float(statistics["se"][0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,7 +176,7 @@ def accuracy(classifier: Classifier, batches: list[dict[str, Any]]) -> float:
 
 
 def load_readout(path: str, classifier: Classifier) -> BottleneckAttributor | None:
-    from readout.export import load
+    from readout.bundle import load
 
     try:
         return load(path, classifier=classifier)
@@ -189,7 +187,7 @@ def load_readout(path: str, classifier: Classifier) -> BottleneckAttributor | No
 
 def bundle_fits(path: str, setting: Setting) -> bool:
     """Whether a readout bundle was trained on this setting's classifier (same weights, same input size)."""
-    from readout.export import classifier_fingerprint, read_config
+    from readout.bundle import classifier_fingerprint, read_config
 
     meta = read_config(path)["classifier"]
     return bool(
@@ -201,7 +199,7 @@ def bundle_fits(path: str, setting: Setting) -> bool:
 def readouts_of(setting: Setting, paths: list[str], settings: list[Setting]) -> list[str]:
     """The bundles whose rows go to ``setting``: each bundle once, in the setting of its own classifier
     and bottleneck layer or, where no setting has that layer, the first setting of its classifier."""
-    from readout.export import read_config
+    from readout.bundle import read_config
 
     chosen = []
     for path in paths:
@@ -282,7 +280,8 @@ def figure(
     """image | upsampled IBA | Relevance-IBA per variant (signed: blue < 0 < red), ``count`` images."""
     count = min(count, len(explanation.heatmap))
     columns = 2 + len(relevance)
-    fig, axes = plt.subplots(count, columns, figsize=(2.2 * columns, 2.2 * count), squeeze=False)
+    fig = Figure(figsize=(2.2 * columns, 2.2 * count))
+    axes = fig.subplots(count, columns, squeeze=False)
     for i in range(count):
         image = batch["image"][i]
         panels = [(image, "image"), (overlay(image, explanation.heatmap[i]), "IBA (upsampled)")]
@@ -303,7 +302,6 @@ def figure(
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 COLUMNS = [
@@ -369,7 +367,7 @@ def settings(args: argparse.Namespace) -> list[Setting]:
     if not args.hires_classifier:
         print(
             "note: no 224-px classifier given (--hires-classifier PATH, e.g. from python -m "
-            "readout.train_classifier --size 224): the 224px setting is skipped"
+            "readout.tools.train_classifier --size 224): the 224px setting is skipped"
         )
         return chosen
     hires = load_classifier(args.hires_classifier)
@@ -379,7 +377,7 @@ def settings(args: argparse.Namespace) -> list[Setting]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m readout.compare_relevance", description=__doc__.split("\n")[0]
+        prog="python -m readout.tools.compare_relevance", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default="results/compare-relevance", help="output directory")
     parser.add_argument("--n", type=int, default=64, help="held-out images per setting")
@@ -432,7 +430,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{setting.name}: layer {setting.layer}, {setting.size} px, {args.n} images")
         results.append(run_setting(setting, args, chosen))
     seconds = time.perf_counter() - started
-    command = "python -m readout.compare_relevance " + " ".join(argv if argv is not None else _argv())
+    command = "python -m readout.tools.compare_relevance " + " ".join(argv if argv is not None else _argv())
     (out / "results.md").write_text(markdown(results, command.strip(), seconds))
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
     print(markdown(results, command.strip(), seconds))
