@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import readout.precision
+from readout.backbones import load_classifier, save_classifier
 from readout.data.synthetic import write_shards
 
 #: What ``tiny_shards`` holds: 3 shards x 8 synthetic images at 32 px, seed 0.
@@ -34,12 +35,14 @@ def fp32_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Tiny runs of readout.fit (helpers.fit_args): the fault tests ask for one_thread in their pytestmark
+# Tiny runs of readout.fit (helpers.fit_args); their modules ask for one_thread in their pytestmark
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
-    """Tests share two cores with others: two threads per process at 64 px are ~20x slower, not faster."""
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``),
+    its module-scoped fixtures included: tests share two cores with others, and two threads per
+    process on 64-px images spin while waiting for each other, slower rather than faster."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -160,3 +163,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         )
         Path(out).write_text(header + table)
         terminalreporter.write_line(f"written to {out}")
+
+
+@pytest.fixture(scope="module")
+def classifier_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved synthetic-cnn of random weights (seed 0), shared by a test module: its .safetensors path."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("classifier") / "random-cnn.safetensors"
+    save_classifier(load_classifier("synthetic-cnn", weights=None), path, {"note": "random, for tests"})
+    return str(path)

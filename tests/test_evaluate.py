@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from readout.backbones import load_classifier, save_classifier
+from readout.backbones import load_classifier
 from readout.evaluation.cli import main, parse_config
 from readout.evaluation.config import resolve_baseline
 from readout.evaluation.results import compute_results
@@ -20,21 +20,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "eval").glob("*.yaml")
 BENCHMARKS = {"synthetic", "imagenet-resnet50", "imagenet-vgg16"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a CPU shared with other jobs, two spin while waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def classifier_path(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("classifier") / "tiny.safetensors"
-    save_classifier(load_classifier("synthetic-cnn", weights=None), path, {})
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_args(tmp_path: Path, classifier: str, methods: str, extra: list[str] | None = None) -> list[str]:

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from readout import explain
-from readout.backbones import load_classifier, save_classifier
+from readout.backbones import load_classifier
 from readout.bundle import load
 from readout.data.synthetic import synthetic_batch, write_shards
 from readout.explain import main
@@ -17,14 +17,6 @@ from readout.per_sample import PerSample
 from readout.plotting import save_heatmap_png
 from readout.relevance import RelevanceIBA
 from readout.resources import checkpoint_dir
-
-
-@pytest.fixture(scope="module")
-def classifier_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("classifier") / "random-cnn"
-    save_classifier(load_classifier("synthetic-cnn", weights=None), path, {"note": "random, for tests"})
-    return path.with_suffix(".safetensors")
 
 
 def odd_files(folder):

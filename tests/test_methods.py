@@ -34,13 +34,7 @@ CHEAP: dict[str, dict] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: on a CPU shared with other jobs, two spin while waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

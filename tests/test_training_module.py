@@ -26,13 +26,7 @@ from readout.training.settings import check_layers, lr_factor
 SIZE = 32  # conftest.TINY_SHARDS
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tests share two cores with others; one thread per process is faster here, not slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_module(**kwargs: Any) -> ReadoutModule:

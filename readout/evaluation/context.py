@@ -152,6 +152,7 @@ class MethodContext:
     allow_import: bool = False
     """Whether a bundle's own classifier may be rebuilt from an import path (runs that code)."""
     _bases: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    _shared: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _bundles: dict[str, ReadoutBottleneck] = field(default_factory=dict, repr=False)
 
     def unshared(self) -> MethodContext:
@@ -173,11 +174,21 @@ class MethodContext:
         """The shared base ``key`` on ``classifier``, built by ``build`` the first time (or every time
         when not sharing)."""
         if not self.share:
-            return SharedExplanation(build(), seed)
+            return self._remember(SharedExplanation(build(), seed))
         bases = self._bases.setdefault(classifier, {})
         if key not in bases:
-            bases[key] = SharedExplanation(build(), seed)
+            bases[key] = self._remember(SharedExplanation(build(), seed))
         return bases[key]
+
+    def shared(self, attributor: BottleneckAttributor) -> SharedExplanation:
+        """The shared base of ``attributor`` (made by :meth:`base`), or a new one around it."""
+        if attributor not in self._shared:
+            self._shared[attributor] = SharedExplanation(attributor)
+        return self._shared[attributor]
+
+    def _remember(self, shared: SharedExplanation) -> SharedExplanation:
+        self._shared[shared.attributor] = shared
+        return shared
 
     def estimate(self, attributor: BottleneckAttributor) -> None:
         """Loads the attributor's μ/σ from the statistics cache (shared with explain), or estimates and

@@ -45,6 +45,7 @@ zero and the randomisation check compares them sign-invariantly (paper, App. G.3
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -67,27 +68,34 @@ from readout.evaluation.baselines import (
     saliency,
     smoothgrad,
 )
-from readout.evaluation.context import Attributor, MethodContext, MethodSpec, SharedExplanation
+from readout.evaluation.context import Attributor, MethodContext, MethodSpec
 from readout.per_sample import PerSample
 from readout.precision import Precision
 from readout.relevance import RelevanceIBA, relevance_attributor
 
 # ---------------------------------------------------------------------------------------------------------
 # Information Bottleneck methods
+#
+# Each is an attributor factory, ``(classifier, context, **options) -> attributor object`` (what
+# readout.explain runs); :func:`row` makes the evaluation's row of it, with the same options.
 
 
-def _per_sample_base(
+def per_sample_attributor(
     classifier: Classifier,
     context: MethodContext,
-    layer: str | None,
-    beta: float,
-    steps: int,
-    copies: int,
-    seed: int,
+    layer: str | None = None,
+    beta: float = 10.0,
+    steps: int = 10,
+    copies: int = 10,
+    seed: int = 0,
     sigma: float = 1.0,
     precision: Precision = "auto",
     compile: bool = False,
-) -> SharedExplanation:
+) -> BottleneckAttributor:
+    """Per-Sample Bottleneck at ``layer`` (default: the registry's) with β = ``beta``/k and the mask's
+    smoothing σ_s = ``sigma`` (bottleneck cells); bits per pixel. ``precision`` and ``compile``: of
+    the fit's steps (:class:`readout.PerSample`). Rows with equal options share one fit."""
+
     def build() -> BottleneckAttributor:
         attributor = PerSample(
             classifier,
@@ -104,113 +112,20 @@ def _per_sample_base(
         return attributor.to(classifier.mean.device)
 
     key = ("per-sample", layer, beta, steps, copies, seed, sigma, precision, compile)
-    return context.base(classifier, key, build, seed)
-
-
-def per_sample(
-    classifier: Classifier,
-    context: MethodContext,
-    layer: str | None = None,
-    beta: float = 10.0,
-    steps: int = 10,
-    copies: int = 10,
-    seed: int = 0,
-    sigma: float = 1.0,
-    precision: Precision = "auto",
-    compile: bool = False,
-) -> Attributor:
-    """Per-Sample Bottleneck at ``layer`` (default: the registry's) with β = ``beta``/k and the mask's
-    smoothing σ_s = ``sigma`` (bottleneck cells); bits per pixel. ``precision`` and ``compile``: of
-    the fit's steps (:class:`readout.PerSample`)."""
-    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma, precision, compile)
-    return lambda images, target=None: base.explain(images, target).heatmap
-
-
-def _readout_base(classifier: Classifier, context: MethodContext, bundle: str) -> SharedExplanation:
-    bundle = str(bundle)
-    return context.base(classifier, ("readout", bundle), lambda: context.readout(classifier, bundle))
-
-
-def readout(
-    classifier: Classifier, context: MethodContext, bundle: str = "checkpoints/readout-demo"
-) -> Attributor:
-    """Readout Bottleneck from the bundle directory (or URL) ``bundle``; bits per pixel."""
-    base = _readout_base(classifier, context, bundle)
-    return lambda images, target=None: base.explain(images, target).heatmap
-
-
-def _relevance(base: SharedExplanation, options: dict[str, Any]) -> Attributor:
-    relevance: RelevanceIBA = relevance_attributor(base.attributor, **options)
-
-    def attribute(images: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        return relevance.explain_from(images, base.explain(images, target)).heatmap.detach().float()
-
-    return attribute
-
-
-def relevance_per_sample(
-    classifier: Classifier,
-    context: MethodContext,
-    layer: str | None = None,
-    beta: float = 10.0,
-    steps: int = 10,
-    copies: int = 10,
-    seed: int = 0,
-    composite: str | None = None,
-    canonizer: str | None = None,
-    injection: str = "information",
-    mask_dead: bool = False,
-    sigma: float = 1.0,
-    precision: Precision = "auto",
-    compile: bool = False,
-) -> Attributor:
-    """Relevance-IBA on a Per-Sample fit (the same fit as a ``per-sample`` row with equal options)."""
-    base = _per_sample_base(classifier, context, layer, beta, steps, copies, seed, sigma, precision, compile)
-    options = {"composite": composite, "canonizer": canonizer, "injection": injection, "mask_dead": mask_dead}
-    return _relevance(base, options)
-
-
-def relevance_readout(
-    classifier: Classifier,
-    context: MethodContext,
-    bundle: str = "checkpoints/readout-demo",
-    composite: str | None = None,
-    canonizer: str | None = None,
-    injection: str = "information",
-    mask_dead: bool = False,
-) -> Attributor:
-    """Relevance-IBA on the readout bundle ``bundle``."""
-    base = _readout_base(classifier, context, bundle)
-    options = {"composite": composite, "canonizer": canonizer, "injection": injection, "mask_dead": mask_dead}
-    return _relevance(base, options)
-
-
-# The same four methods as attributor objects (readout.explain): the options of their rows.
-
-
-def per_sample_attributor(
-    classifier: Classifier,
-    context: MethodContext,
-    layer: str | None = None,
-    beta: float = 10.0,
-    steps: int = 10,
-    copies: int = 10,
-    seed: int = 0,
-    sigma: float = 1.0,
-    precision: Precision = "auto",
-    compile: bool = False,
-) -> BottleneckAttributor:
-    """The Per-Sample Bottleneck that a ``per-sample`` row with these options fits."""
-    return _per_sample_base(
-        classifier, context, layer, beta, steps, copies, seed, sigma, precision, compile
-    ).attributor
+    return context.base(classifier, key, build, seed).attributor
 
 
 def readout_attributor(
     classifier: Classifier | None, context: MethodContext, bundle: str = "checkpoints/readout-demo"
 ) -> BottleneckAttributor:
-    """The readout of the bundle ``bundle`` on ``classifier`` (None: the classifier the bundle names)."""
-    return context.readout(classifier, str(bundle))
+    """Readout Bottleneck from the bundle directory (or URL) ``bundle``, on ``classifier`` (None: the
+    classifier the bundle names); bits per pixel."""
+    bundle = str(bundle)
+    if classifier is None:
+        return context.readout(None, bundle)
+    return context.base(
+        classifier, ("readout", bundle), lambda: context.readout(classifier, bundle)
+    ).attributor
 
 
 def relevance_per_sample_attributor(
@@ -229,7 +144,7 @@ def relevance_per_sample_attributor(
     precision: Precision = "auto",
     compile: bool = False,
 ) -> RelevanceIBA:
-    """Relevance-IBA on the Per-Sample fit of a ``relevance-per-sample`` row with these options."""
+    """Relevance-IBA on a Per-Sample fit (the same fit as a ``per-sample`` row with equal options)."""
     base = per_sample_attributor(
         classifier, context, layer, beta, steps, copies, seed, sigma, precision, compile
     )
@@ -251,6 +166,27 @@ def relevance_readout_attributor(
     return relevance_attributor(readout_attributor(classifier, context, bundle), **options)
 
 
+def row(factory: Callable[..., BottleneckAttributor | RelevanceIBA]) -> Callable[..., Attributor]:
+    """The evaluation row of an attributor factory, taking the factory's options (its signature, by
+    ``functools.wraps``): the heatmap of each batch, from one fit per batch for every row on the same
+    bottleneck (:meth:`MethodContext.shared`); Relevance-IBA propagates that fit's information."""
+
+    @functools.wraps(factory)
+    def build(classifier: Classifier, context: MethodContext, **options: Any) -> Attributor:
+        made = factory(classifier, context, **options)
+        if isinstance(made, RelevanceIBA):
+            relevance, fitted = made, context.shared(made.base)
+
+            def attribute(images: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+                return relevance.explain_from(images, fitted.explain(images, target)).heatmap.detach().float()
+
+            return attribute
+        shared = context.shared(made)
+        return lambda images, target=None: shared.explain(images, target).heatmap
+
+    return build
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Registry
 
@@ -264,18 +200,26 @@ class Method:
     """Maps of both signs (symmetric colour maps; sign-invariant randomisation similarity)."""
     bundle_option: bool = False
     """Its ``bundle`` option names a readout bundle (whose files then key cached results)."""
+    estimates: bool = False
+    """Building it estimates μ/σ over data (summed over ranks, so every rank builds it at once)."""
     attributor: Callable[..., BottleneckAttributor | RelevanceIBA] | None = None
     """The method as an attributor object, from the same options (``readout.explain`` runs these)."""
 
 
 METHODS: dict[str, Method] = {
-    "per-sample": Method(per_sample, attributor=per_sample_attributor),
-    "readout": Method(readout, bundle_option=True, attributor=readout_attributor),
+    "per-sample": Method(row(per_sample_attributor), estimates=True, attributor=per_sample_attributor),
+    "readout": Method(row(readout_attributor), bundle_option=True, attributor=readout_attributor),
     "relevance-per-sample": Method(
-        relevance_per_sample, signed=True, attributor=relevance_per_sample_attributor
+        row(relevance_per_sample_attributor),
+        signed=True,
+        estimates=True,
+        attributor=relevance_per_sample_attributor,
     ),
     "relevance-readout": Method(
-        relevance_readout, signed=True, bundle_option=True, attributor=relevance_readout_attributor
+        row(relevance_readout_attributor),
+        signed=True,
+        bundle_option=True,
+        attributor=relevance_readout_attributor,
     ),
     "saliency": Method(saliency),
     "integrated-gradients": Method(integrated_gradients),

@@ -198,7 +198,7 @@ class Evaluation:
     def prepare(self) -> None:
         """Builds, on every rank at the same time, the rows whose building may talk to the other ranks
         (Per-Sample μ/σ estimation sums over ranks), for the classifier and each randomisation step."""
-        needy = [row for row in self.rows if row.spec.method in ("per-sample", "relevance-per-sample")]
+        needy = [row for row in self.rows if method_entry(row.spec).estimates]
         for row in needy:
             self.attributor(row)
         randomised = [row for row in needy if row.randomised]
