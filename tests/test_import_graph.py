@@ -144,3 +144,19 @@ def test_there_are_no_cycles() -> None:
         if not any(is_package[m] and all(n.startswith(m + ".") or n == m for n in c) for m in c)
     ]
     assert not real, "import cycles:\n" + "\n".join(" -> ".join(c) for c in real)
+
+
+def test_only_the_training_wing_imports_lightning() -> None:
+    """``import readout`` and a loaded bundle need no Lightning (the README's layout says so)."""
+    lightning = sorted(
+        name
+        for name, tree in TREES.items()
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for imported_name in (
+            [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        )
+        if imported_name.split(".")[0] in {"pytorch_lightning", "lightning"}
+    )
+    assert "readout.training.module" in lightning
+    assert all(wing(name) == "readout.training" for name in lightning), lightning
