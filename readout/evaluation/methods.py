@@ -13,7 +13,7 @@ IBA paper's reference code (Schulz et al. 2020) does unless said otherwise:
 key                               what                                                        reduction
 ================================  ==========================================================  =========
 ``per-sample``                    Per-Sample Bottleneck (:mod:`readout.per_sample`), bits      (none)
-``readout``                       Readout Bottleneck from a bundle (:mod:`readout.export`)     (none)
+``readout``                       Readout Bottleneck from a bundle (:mod:`readout.bundle`)     (none)
 ``relevance-per-sample``          Relevance-IBA on a Per-Sample fit (:mod:`readout.relevance`) (none)
 ``relevance-readout``             Relevance-IBA on a readout bundle                            (none)
 ``saliency``                      captum Saliency, |∂ logit / ∂ x| (Simonyan et al. 2014)      max-abs
