@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from safetensors.torch import save
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
+from readout.atomic import atomic_write
 from readout.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, LayerDefaults, LrpDefaults
 from readout.resources import checkpoint_dir
 
@@ -370,7 +372,6 @@ _META_FIELDS = ("source", "classes", "input_size", "normalisation")
 
 def save_classifier(classifier: Classifier, path: str | Path, metadata: dict[str, Any]) -> None:
     """Writes ``path`` (.safetensors, the model's weights) and ``path.json`` (how to rebuild it)."""
-    from safetensors.torch import save_file
 
     if classifier.source is None:
         raise ValueError(
@@ -380,7 +381,7 @@ def save_classifier(classifier: Classifier, path: str | Path, metadata: dict[str
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in classifier.model.state_dict().items()}
-    save_file(state, str(path))
+    atomic_write(str(path), save(state))
     meta = {
         "format": _META_FORMAT,
         "name": classifier.name,
@@ -393,7 +394,7 @@ def save_classifier(classifier: Classifier, path: str | Path, metadata: dict[str
         },
         **metadata,
     }
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(str(path.with_suffix(".json")), (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def load_saved_classifier(

@@ -29,6 +29,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from readout.atomic import atomic_write
+
 FORMAT = "readout-shards/1"
 MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("jpg", "png")
@@ -286,9 +288,8 @@ class Manifest:
         return json.dumps(data, indent=2) + "\n"
 
     def write(self, path: str) -> None:
-        """Writes the manifest to a local path or any fsspec URL."""
-        with fsspec.open(path, "w") as stream:
-            stream.write(self.to_json())
+        """Writes the manifest to a local path or any fsspec URL, atomically (:mod:`readout.atomic`)."""
+        atomic_write(str(path), self.to_json().encode())
 
     @classmethod
     def read(cls, path: str) -> Manifest:
