@@ -20,6 +20,10 @@ import fsspec
 def atomic_write(url: str, payload: bytes) -> None:
     """Writes ``payload`` to ``url`` (a local path or fsspec URL) so that it is either whole or not there."""
     fs, path = fsspec.core.url_to_fs(url)
+    if _is_local(fs):
+        with atomic_local_file(path) as temporary, open(temporary, "wb") as handle:
+            handle.write(payload)
+        return
     directory, name = posixpath.split(path)
     if directory:
         fs.makedirs(directory, exist_ok=True)
@@ -27,14 +31,9 @@ def atomic_write(url: str, payload: bytes) -> None:
         fs.rm(stray)
     temporary = posixpath.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        if _is_local(fs):
-            with open(temporary, "wb") as handle:
-                handle.write(payload)
-            _commit(temporary, path)
-        else:
-            with fs.open(temporary, "wb") as handle:
-                handle.write(payload)
-            fs.mv(temporary, path)
+        with fs.open(temporary, "wb") as handle:
+            handle.write(payload)
+        fs.mv(temporary, path)
     except BaseException:
         if fs.exists(temporary):
             fs.rm(temporary)

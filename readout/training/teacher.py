@@ -92,7 +92,7 @@ def compute(args: TeacherConfig) -> Path:
             f"{partial} holds chunks made with other settings ({recorded}); remove it, or give the "
             "settings it was started with"
         )
-    recorded.write_text(json.dumps(settings, indent=2) + "\n")
+    atomic_write(str(recorded), (json.dumps(settings, indent=2) + "\n").encode())
 
     size = classifier.input_size
     transform = v2.Compose([v2.Resize((size, size), antialias=True), v2.ToDtype(torch.float32, scale=True)])
