@@ -26,14 +26,13 @@ from readout.evaluation.context import (
     Reduction,
     content_seed,
     last_spatial_tap,
-    logits_of,
     private_copy,
     reduce_channels,
 )
 from readout.lrp import RelevancePropagator, input_bounds, lrp_defaults
+from readout.metrics.chunks import resolve_targets
 from readout.metrics.tiles import Baseline, baseline_images
 from readout.taps import tap_module
-from readout.targets import resolve_target
 
 # ---------------------------------------------------------------------------------------------------------
 # Baselines through captum and zennit
@@ -56,7 +55,7 @@ class ChannelMethod:
         self.noise_seed = noise_seed
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        target = resolve_target(target, len(images), images.device, logits_of(self.model, images))
+        target = resolve_targets(self.model, images, target, len(images))
         inputs = images.detach().clone().requires_grad_(True)
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU", category=UserWarning)
@@ -211,9 +210,7 @@ def lrp(
     ).to(classifier.mean.device)
 
     def attribute(images: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        target = resolve_target(
-            target, len(images), images.device, logits_of(classifier, images), classifier.num_classes
-        )
+        target = resolve_targets(classifier, images, target, len(images), classifier.num_classes)
         start = F.one_hot(target, classifier.num_classes).to(images.dtype)
         _, relevance = propagator(classifier.normalize(images), start)
         return reduce_channels(relevance, "sum")

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-from torch import nn
 
 from readout.attributor import BottleneckAttributor, Explanation
 from readout.bundle import load, readout_state
 from readout.classifier import LOGITS, Classifier, out_of_place
+from readout.metrics.chunks import resolve_targets
 from readout.readout_bottleneck import ReadoutBottleneck
 from readout.statistics_cache import DEFAULT_CACHE, StatisticsSource, with_cached_statistics
-from readout.targets import resolve_target
 
 Reduction = Literal["sum", "abs-sum", "max-abs", "mean"]
 
@@ -74,17 +73,6 @@ def private_copy(classifier: Classifier) -> Classifier:
     return model
 
 
-def logits_of(model: nn.Module, images: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The model's logits of ``images`` without gradients, computed when called: the top-1 that
-    :func:`readout.targets.resolve_target` falls back on where no target is given."""
-
-    def logits() -> torch.Tensor:
-        with torch.no_grad():
-            return model(images)
-
-    return logits
-
-
 def last_spatial_tap(classifier: Classifier) -> str:
     """The deepest tap with a spatial output: the paper's Grad-CAM layer (the last convolutional one)."""
     named = [name for name in classifier.layer_names() if name != LOGITS]
@@ -114,9 +102,7 @@ class SharedExplanation:
 
     def explain(self, images: torch.Tensor, target: torch.Tensor | None = None) -> Explanation:
         classifier = self.attributor.classifier
-        target = resolve_target(
-            target, len(images), images.device, logits_of(classifier, images), classifier.num_classes
-        )
+        target = resolve_targets(classifier, images, target, len(images), classifier.num_classes)
         if self._last is not None:
             seen, version, seen_target, explanation = self._last
             if seen is images and version == images._version and torch.equal(seen_target, target):

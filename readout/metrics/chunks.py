@@ -9,6 +9,7 @@ logits whatever the number of jobs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -48,8 +49,13 @@ def logits_of(model: nn.Module, images: torch.Tensor, chunk_size: int) -> torch.
 
 
 def resolve_targets(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, chunk_size: int
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor | None,
+    chunk_size: int,
+    classes: int | None = None,
 ) -> torch.Tensor:
-    """targets (B,) long as given (checked), or the model's predicted classes when None
-    (:func:`readout.targets.resolve_target`, the logits in chunks of ``chunk_size``)."""
-    return resolve_target(targets, len(images), images.device, lambda: logits_of(model, images, chunk_size))
+    """targets (B,) long as given (checked, against ``classes`` where given), or the model's predicted
+    classes when None (:func:`readout.targets.resolve_target`, the logits in chunks of ``chunk_size``)."""
+    top1 = partial(logits_of, model, images, chunk_size)  # run only where no targets are given
+    return resolve_target(targets, len(images), images.device, top1, classes)
