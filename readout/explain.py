@@ -16,7 +16,6 @@ once per classifier, layer and data source, and cached on disk (``--cache``).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -84,8 +83,7 @@ def build_attributor(args: argparse.Namespace) -> BottleneckAttributor | Relevan
         allow_import=args.allow_import,
     )
     flags = {**vars(args), "bundle": args.checkpoint}
-    accepted = list(inspect.signature(entry.attributor).parameters)[2:]
-    options = {name: flags[name] for name in accepted if flags.get(name) is not None}
+    options = {o.name: flags[o.name] for o in entry.options if flags.get(o.name) is not None}
     if entry.bundle_option:
         if not args.checkpoint:
             raise SystemExit(

@@ -205,6 +205,11 @@ class Method:
     attributor: Callable[..., BottleneckAttributor | RelevanceIBA] | None = None
     """The method as an attributor object, from the same options (``readout.explain`` runs these)."""
 
+    @property
+    def options(self) -> list[inspect.Parameter]:
+        """The options its factory takes (after the classifier and the context), with their defaults."""
+        return list(inspect.signature(self.build).parameters.values())[2:]
+
 
 METHODS: dict[str, Method] = {
     "per-sample": Method(row(per_sample_attributor), estimates=True, attributor=per_sample_attributor),
@@ -238,7 +243,7 @@ def method_entry(spec: MethodSpec) -> Method:
     if spec.method not in METHODS:
         raise KeyError(f"row {spec.name!r}: unknown method {spec.method!r}; registered: {', '.join(METHODS)}")
     entry = METHODS[spec.method]
-    accepted = list(inspect.signature(entry.build).parameters)[2:]
+    accepted = [option.name for option in entry.options]
     unknown = sorted(set(spec.options) - set(accepted))
     if unknown:
         raise TypeError(
@@ -272,5 +277,4 @@ def bundle_digest(spec: MethodSpec) -> str:
 
 def options_of(spec: MethodSpec) -> Mapping[str, Any]:
     """The row's options with the factory's defaults filled in (for reports)."""
-    parameters = list(inspect.signature(method_entry(spec).build).parameters.values())[2:]
-    return {p.name: spec.options.get(p.name, p.default) for p in parameters}
+    return {p.name: spec.options.get(p.name, p.default) for p in method_entry(spec).options}
