@@ -5,6 +5,7 @@ process and on two (gloo), where a NaN on one rank makes both skip the step."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import ddp_env, fit_args
 
+from readout.readout_bottleneck import ReadoutLoss
 from readout.training.checkpointing import read_checkpoint
 from readout.training.fit import main as fit
 from readout.training.module import ReadoutModule
@@ -27,10 +29,10 @@ def nan_loss_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
     """The training loss is NaN at the given global steps."""
     shared_step = ReadoutModule.shared_step
 
-    def poisoned(self: ReadoutModule, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def poisoned(self: ReadoutModule, batch: dict[str, Any]) -> ReadoutLoss:
         out = shared_step(self, batch)
         if self.training and self.global_step in steps:
-            out["loss"] = out["loss"] * float("nan")
+            out = dataclasses.replace(out, loss=out.loss * float("nan"))
         return out
 
     monkeypatch.setattr(ReadoutModule, "shared_step", poisoned)

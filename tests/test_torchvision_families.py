@@ -78,7 +78,7 @@ def test_a_readout_trains_exports_loads_with_the_module_and_explains(family: str
             "key": [f"{step}-{i}" for i in range(4)],
         }
         optimiser.zero_grad()
-        loss = module.shared_step(batch)["loss"]
+        loss = module.shared_step(batch).loss
         assert torch.isfinite(loss)
         loss.backward()
         optimiser.step()

@@ -97,12 +97,12 @@ def test_the_training_loss_is_ce_plus_beta_over_k_times_the_kl_per_sample_mean_o
     batch = tiny_batch()
     out = module.shared_step(batch)
     loss, ce = reference_loss(module, batch)
-    torch.testing.assert_close(out["ce"], ce, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["loss"], loss, rtol=1e-5, atol=1e-6)
-    assert out["loss"].item() > 1.5 * out["ce"].item()  # the KL term counts
-    assert out["ce"].item() != pytest.approx(reference_loss(module, batch, step=1)[1].item(), abs=1e-5)
+    torch.testing.assert_close(out.ce, ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    assert out.loss.item() > 1.5 * out.ce.item()  # the KL term counts
+    assert out.ce.item() != pytest.approx(reference_loss(module, batch, step=1)[1].item(), abs=1e-5)
     # the loss trains the readout net
-    out["loss"].backward()
+    out.loss.backward()
     assert last.weight.grad is not None and bool(last.weight.grad.abs().sum() > 0)
 
 
@@ -195,11 +195,11 @@ def one_step(channels_last: bool) -> tuple[float, float, ReadoutModule]:
     nn.init.normal_(module.attributor.net.layers[-1].weight, std=0.1)
     optimizer = module.configure_optimizers()
     batch = tiny_batch(4)
-    loss = module.shared_step(batch)["loss"]
+    loss = module.shared_step(batch).loss
     loss.backward()
     optimizer.step()
     with torch.no_grad():
-        after = module.shared_step(batch)["loss"]
+        after = module.shared_step(batch).loss
     return loss.item(), after.item(), module
 
 
@@ -226,7 +226,7 @@ def test_the_readout_gradients_have_the_strides_of_their_parameters(channels_las
     torch.set_num_threads(2)  # the autouse fixture restores the count
     module = tiny_module(beta=10.0, lr=1e-2, channels_last=channels_last)
     nn.init.normal_(module.attributor.net.layers[-1].weight, std=0.1)
-    module.shared_step(tiny_batch(2))["loss"].backward()
+    module.shared_step(tiny_batch(2)).loss.backward()
     for name, parameter in module.attributor.net.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().max() > 0, name
         assert parameter.grad.stride() == parameter.stride(), name

@@ -28,10 +28,10 @@ from readout.backbones import load_classifier
 from readout.bundle import classifier_fingerprint
 from readout.data.teacher import TeacherMaps
 from readout.plotting import heatmap_grid
-from readout.readout_bottleneck import ReadoutBottleneck, readout_loss
+from readout.readout_bottleneck import ReadoutBottleneck, ReadoutLoss, readout_loss
 from readout.training.checkpointing import check_finite
 from readout.training.faults import Preemption
-from readout.training.settings import check_layers, lr_factor, sample_noise
+from readout.training.settings import check_layers, finite_gradients, lr_factor, sample_noise
 
 CLASSIFIER_PREFIX = "attributor.classifier."
 
@@ -260,7 +260,7 @@ class ReadoutModule(pl.LightningModule):
         ramp = min(1.0, self.global_step / warmup) if warmup else 1.0
         return float(self.hparams["beta"]) * ramp
 
-    def shared_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def shared_step(self, batch: dict[str, Any]) -> ReadoutLoss:
         """:func:`readout.readout_bottleneck.readout_loss` on a batch, with β of :meth:`current_beta` and
         each sample's noise drawn from its key and the step
         (:func:`readout.training.settings.sample_noise`)."""
@@ -268,7 +268,7 @@ class ReadoutModule(pl.LightningModule):
         if self.hparams["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         keys, step, seed = list(batch["key"]), self.global_step, self.hparams["noise_seed"]
-        out = readout_loss(
+        return readout_loss(
             self.attributor,
             images,
             labels,
@@ -277,15 +277,6 @@ class ReadoutModule(pl.LightningModule):
             teacher=batch.get("teacher"),
             distill_weight=self.hparams.get("distill_weight", 0.0),
         )
-        return {
-            **({"distill": out.distill} if out.distill is not None else {}),
-            "loss": out.loss,
-            "ce": out.ce,
-            "bits": out.bits,
-            "logits": out.logits,
-            "logits_bottleneck": out.logits_bottleneck,
-            "kl": out.kl,
-        }
 
     def on_train_epoch_start(self) -> None:
         # The shard order and crops are seeded per epoch; Lightning only reseeds samplers itself.
@@ -300,30 +291,28 @@ class ReadoutModule(pl.LightningModule):
         out = self.shared_step(batch)
         # Every rank takes part, so all stop or skip together (a lone skip would leave DDP's others
         # waiting in the gradient all-reduce).
-        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(out["loss"])), all=False):
-            self.nonfinite_batch(
-                f"loss is {out['loss'].item()} (ce {out['ce'].item()}, bits {out['bits'].item()})"
-            )
+        if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(out.loss)), all=False):
+            self.nonfinite_batch(f"loss is {out.loss.item()} (ce {out.ce.item()}, bits {out.bits.item()})")
             return self.skipped_loss()
         labels = batch["label"]
         size = len(labels)
         self.log_dict(
             {
-                "train/loss": out["loss"],
-                "train/ce": out["ce"],
-                "train/bits_per_image": out["bits"],
-                "train/top1": (out["logits"].argmax(1) == labels).float().mean(),
-                "train/top1_bottleneck": (out["logits_bottleneck"].argmax(1) == labels).float().mean(),
+                "train/loss": out.loss,
+                "train/ce": out.ce,
+                "train/bits_per_image": out.bits,
+                "train/top1": (out.logits.argmax(1) == labels).float().mean(),
+                "train/top1_bottleneck": (out.logits_bottleneck.argmax(1) == labels).float().mean(),
                 "train/beta": self.current_beta(),
                 "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-                **({"train/distill": out["distill"]} if "distill" in out else {}),
+                **({"train/distill": out.distill} if out.distill is not None else {}),
             },
             batch_size=size,
             prog_bar=False,
             sync_dist=False,
         )
-        self.log("loss", out["loss"], prog_bar=True, batch_size=size, logger=False)
-        return out["loss"]
+        self.log("loss", out.loss, prog_bar=True, batch_size=size, logger=False)
+        return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
@@ -353,9 +342,8 @@ class ReadoutModule(pl.LightningModule):
             return
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16's GradScaler skips steps with Inf gradients itself
-        grads = [p.grad for p in self.attributor.net.parameters() if p.grad is not None]
         # After DDP's all-reduce the gradients are the same on every rank: so is this decision.
-        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        if not finite_gradients(self.attributor.net):
             self.nonfinite_batch("a gradient of the readout net is NaN or Inf")
             self.drop_gradients()
 
@@ -377,10 +365,10 @@ class ReadoutModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.shared_step(batch)
         labels = batch["label"]
-        self.accuracy.update(out["logits"], labels)
-        self.accuracy_bottleneck.update(out["logits_bottleneck"], labels)
+        self.accuracy.update(out.logits, labels)
+        self.accuracy_bottleneck.update(out.logits_bottleneck, labels)
         self.log_dict(
-            {"val/loss": out["loss"], "val/ce": out["ce"], "val/bits_per_image": out["bits"]},
+            {"val/loss": out.loss, "val/ce": out.ce, "val/bits_per_image": out.bits},
             batch_size=len(labels),
             sync_dist=True,
         )

@@ -1,6 +1,7 @@
 """What the settings of a training run mean, beside the module that runs it: the layer rules of
 ``model.layer`` and ``model.taps`` (:func:`check_layers`), the learning-rate schedule
-(:func:`lr_factor`) and the noise of each sample at each step (:func:`sample_noise`)."""
+(:func:`lr_factor`), the noise of each sample at each step (:func:`sample_noise`) and the check that
+a step's gradients are finite (:func:`finite_gradients`)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,9 @@ def _is_layer(network: Classifier, name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def finite_gradients(module: torch.nn.Module) -> bool:
+    """Whether every gradient of ``module``'s parameters is finite (parameters without one pass)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())

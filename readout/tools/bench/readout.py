@@ -30,7 +30,7 @@ from readout.tools.bench.timing import (
     timed,
     under,
 )
-from readout.training.settings import sample_noise
+from readout.training.settings import finite_gradients, sample_noise
 
 
 def plain_training_step(classifier: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> Callable:
@@ -97,8 +97,7 @@ def readout_training_step(
         if not bool(torch.isfinite(out.loss)):
             raise FloatingPointError("the readout's loss is not finite")
         out.loss.backward()
-        grads = [p.grad for p in attributor.net.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+        if not finite_gradients(attributor.net):
             raise FloatingPointError("a gradient of the readout net is not finite")
         optimiser.step()
 
